@@ -1,0 +1,1 @@
+"""Benchmark specs, generators, scorers and metrics for opd eval."""

@@ -1,0 +1,1 @@
+"""Diagnostics on rollouts.jsonl (teachability curves); see opd diagnose."""

@@ -1,0 +1,102 @@
+"""The method interface and registry.
+
+A method is a weight/advantage producer, never a loss or a loop: it reads the scored batch
+and returns per-token weights (>= 0, detached) and optionally replacement advantages, plus
+metrics and per-token / per-trajectory outputs for rollouts.jsonl. A method may also decide
+generation (the next step's token budget). Each method declares its own frozen config class;
+`method.options` in YAML is validated against that class only.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from opdcli.config import LossConfig, build_dataclass
+from opdcli.errors import ConfigError, MethodNotFoundError
+from opdcli.scoring import ScoredBatch
+
+
+@dataclass
+class MethodOutput:
+    """What a method returns for one batch.
+
+    weights_B_T: per-token loss weights (>= 0), multiplied into the loss.
+    advantages_B_T: replacement advantages for the policy-gradient objectives, or None.
+    token_outputs: per-token arrays (B, T) written to rollouts.jsonl under method.token.
+    trajectory_outputs: per-row values (lists of length B) under method.trajectory.
+    """
+
+    weights_B_T: torch.Tensor
+    advantages_B_T: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    token_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    trajectory_outputs: dict[str, list[Any]] = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses set `name`, `Config`, `summary` and override `apply`."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    objectives: ClassVar[frozenset[str]] = frozenset({"sampled", "topk", "rkl", "fkl", "jsd"})
+    """Base objectives this method composes with; others are refused at load time."""
+
+    def __init__(self, cfg: Any, loss: LossConfig) -> None:
+        self.cfg, self.loss = cfg, loss
+
+    def apply(self, scored: ScoredBatch, advantages_B_T: torch.Tensor, step: int) -> MethodOutput:
+        raise NotImplementedError
+
+    def max_new_tokens(self, default: int) -> int:
+        """Generation budget for the next rollout (methods that control generation override)."""
+        return default
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method under `cls.name`; a duplicate name is an error."""
+    if not cls.name:
+        raise AssertionError(f"{cls.__name__} has no name")
+    if cls.name in METHODS:
+        raise AssertionError(f"method '{cls.name}' is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=1, cutoff=0.4)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise MethodNotFoundError(
+            f"unknown method '{name}'.{hint} Available: {', '.join(sorted(METHODS))} "
+            "(see opd train --list-methods)"
+        )
+    return METHODS[name]
+
+
+def build_method(name: str, options: dict[str, Any], loss: LossConfig) -> Method:
+    """Validate `options` against the method's own config class and check the objective."""
+    cls = method_class(name)
+    try:
+        cfg = build_dataclass(cls.Config, options, prefix="method.options.")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (options of method '{name}')") from None
+    if loss.objective not in cls.objectives:
+        raise ConfigError(
+            f"method '{name}' cannot be combined with loss.objective={loss.objective}: "
+            f"it needs one of {', '.join(sorted(cls.objectives))}"
+        )
+    return cls(cfg, loss)

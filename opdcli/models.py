@@ -1,0 +1,151 @@
+"""Load students, teachers and references, and check that they can be distilled together.
+
+Models are hub names or local folders loaded with `AutoModelForCausalLM.from_pretrained`;
+`toy:student` and `toy:teacher` name the toy models shipped inside the package. Device and dtype
+come from the run config (`auto`: CUDA and bfloat16 where present, else CPU and float32).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdcli.errors import ConfigError, ModelError
+
+TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda if available, else cpu; anything else is validated."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"run.device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device is '{name}' but CUDA is not available; set run.device=auto or cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 on CUDA, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_model_path(name: str) -> str:
+    """Map `toy:<name>` to the shipped folder; check local paths; pass hub ids through."""
+    if name.startswith("toy:"):
+        folder = TOY_WEIGHTS / name.split(":", 1)[1]
+        if not (folder / "config.json").is_file():
+            known = sorted(p.name for p in TOY_WEIGHTS.glob("*") if (p / "config.json").is_file())
+            raise ModelError(
+                f"toy model '{name}' not found in {TOY_WEIGHTS}; known: {', '.join(known) or 'none'}. "
+                "Rebuild them with `opd toy build`"
+            )
+        return str(folder)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model folder '{name}' has no config.json; pass a folder written by save_pretrained"
+            )
+        return str(path)
+    if not _HUB_ID.match(name):
+        raise ModelError(
+            f"model path '{name}' does not exist; pass a local folder, a hub id such as "
+            "Qwen/Qwen3-1.7B, or toy:student / toy:teacher"
+        )
+    return name
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of '{name}': {_first_line(exc)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(
+    name: str, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa", trainable: bool = False,
+) -> Any:
+    """Load a causal LM onto `device` in `dtype`; frozen and in eval mode unless trainable."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model '{name}': {_first_line(exc)}") from None
+    model.to(device)
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class LoadedPair:
+    """A student (trainable), a frozen teacher and the shared tokenizer."""
+
+    student: Any
+    teacher: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+def check_same_vocabulary(tok_a: Any, tok_b: Any, name_a: str, name_b: str) -> None:
+    """Refuse two models whose token ids mean different things."""
+    if tok_a.get_vocab() != tok_b.get_vocab():
+        raise ModelError(
+            f"'{name_a}' and '{name_b}' have different vocabularies ({len(tok_a)} vs {len(tok_b)} "
+            "tokens); token-level distillation needs one tokenizer: pick models from the same family"
+        )
+
+
+def check_logit_widths(model_a: Any, model_b: Any, name_a: str, name_b: str) -> None:
+    a = model_a.get_output_embeddings().weight.shape[0]
+    b = model_b.get_output_embeddings().weight.shape[0]
+    if a != b:
+        raise ModelError(
+            f"'{name_a}' has {a} output logits but '{name_b}' has {b}; models must share the "
+            "vocabulary size (same family) to be distilled token by token"
+        )
+
+
+def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
+              trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> LoadedPair:
+    """Load and cross-check the student and teacher (tokenizers first, which is cheap)."""
+    device = resolve_device(run_device)
+    dtype = resolve_dtype(run_dtype, device)
+    tok_s = load_tokenizer(student, trust_remote_code)
+    tok_t = load_tokenizer(teacher, trust_remote_code)
+    check_same_vocabulary(tok_s, tok_t, student, teacher)
+    kw = {"trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
+    s = load_model(student, device, dtype, trainable=True, **kw)
+    t = load_model(teacher, device, dtype, trainable=False, **kw)
+    check_logit_widths(s, t, student, teacher)
+    return LoadedPair(student=s, teacher=t, tokenizer=tok_s, device=device, dtype=dtype)

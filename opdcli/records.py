@@ -1,0 +1,891 @@
+"""The rollouts.jsonl record format: one JSON object per line, one line per trajectory.
+
+A trajectory is one student sample scored by the teacher. `docs/rollouts-schema.md` documents
+every field; this module is the single place that reads, writes and validates the format.
+
+- `RolloutRecord` is the typed, immutable view of one line (`to_json` / `from_json`).
+- `validate_record` checks a decoded JSON object against the schema and raises `RecordError`
+  with a one-line message naming the location, the field, what was expected and what was found.
+- `RolloutWriter` appends records crash-safely: each record is serialised completely, then
+  written with a single `write` call and flushed, so an interrupted run leaves at most one
+  partial last line, which the next writer removes before appending.
+- `read_records` / `read_raw` stream a file line by line, skipping (and reporting) a truncated
+  last line and raising `RecordError` for anything else that is malformed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import warnings
+from array import array
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+from opdcli.errors import RecordError
+
+__all__ = [
+    "FLOAT_DECIMALS",
+    "LOGPROB_TOLERANCE",
+    "MAX_TOPK",
+    "SCHEMA_NAME",
+    "SCHEMA_VERSION",
+    "RolloutRecord",
+    "RolloutWriter",
+    "read_raw",
+    "read_records",
+    "validate_record",
+]
+
+SCHEMA_NAME = "opd.rollout"
+SCHEMA_VERSION = 1
+
+#: Log-probabilities may exceed 0 by at most this much (numerical noise of log-softmax).
+LOGPROB_TOLERANCE = 1e-4
+#: Largest number of top-k entries a record may store per token.
+MAX_TOPK = 64
+#: Floats are rounded to this many decimals when written.
+FLOAT_DECIMALS = 5
+
+_NUMBER_TYPES = frozenset({int, float})
+_INT_TYPES = frozenset({int})
+_LIST_TYPES = frozenset({list})
+
+_HEADER_FIELDS = ("schema", "schema_version")
+_REQUIRED_FIELDS = (
+    "run_id",
+    "step",
+    "policy_version",
+    "sample_id",
+    "prompt_id",
+    "prompt",
+    "response_text",
+    "response_ids",
+    "mask",
+    "student_lp",
+    "teacher_lp",
+    "behavior_lp",
+    "finished",
+)
+_TOPK_MATRICES = ("student_topk_ids", "teacher_topk_ids", "student_topk_lp", "teacher_topk_lp")
+_OPTIONAL_FIELDS = (
+    "ref_lp",
+    "topk",
+    *_TOPK_MATRICES,
+    "teacher_lp_on_student_topk",
+    "correct",
+    "answer",
+    "method",
+    "version_lag",
+    "freshness",
+)
+_ALL_FIELDS = frozenset(_HEADER_FIELDS + _REQUIRED_FIELDS + _OPTIONAL_FIELDS)
+_METHOD_KEYS = ("name", "token", "trajectory")
+
+# Float-valued fields, rounded on write.
+_FLOAT_LISTS = ("student_lp", "teacher_lp", "behavior_lp", "ref_lp")
+_FLOAT_MATRICES = ("student_topk_lp", "teacher_topk_lp", "teacher_lp_on_student_topk")
+
+
+# --------------------------------------------------------------------------------------------
+# Error helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A short, single-line rendering of an offending value, prefixed by its JSON type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"int {value!r}"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, list):
+        return f"list of length {len(value)}"
+    if isinstance(value, dict):
+        return f"object with keys {sorted(map(str, value))[:6]!r}"
+    kind = "string" if isinstance(value, str) else type(value).__name__
+    text = repr(value).replace("\n", "\\n").replace("\r", "\\r")
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{kind} {text}"
+
+
+def _loc(where: str) -> str:
+    return where if where else "rollout record"
+
+
+def _fail(where: str, field: str, expected: str, found: str, fix: str = "") -> RecordError:
+    message = f"{_loc(where)}: field '{field}': expected {expected}, found {found}"
+    if fix:
+        message += f"; {fix}"
+    return RecordError(message.replace("\n", " "))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_header(obj: Mapping[str, Any], where: str) -> None:
+    """Check `schema` and `schema_version`; refuse files from newer versions of opd."""
+    if "schema" not in obj:
+        raise _fail(
+            where,
+            "schema",
+            f"the string {SCHEMA_NAME!r}",
+            "nothing (missing)",
+            "this line is not a rollout record",
+        )
+    schema = obj["schema"]
+    if schema != SCHEMA_NAME or type(schema) is not str:
+        raise _fail(
+            where,
+            "schema",
+            f"the string {SCHEMA_NAME!r}",
+            _show(schema),
+            "this line is not a rollout record",
+        )
+    if "schema_version" not in obj:
+        raise _fail(where, "schema_version", f"int {SCHEMA_VERSION}", "nothing (missing)")
+    version = obj["schema_version"]
+    if type(version) is not int:
+        raise _fail(where, "schema_version", f"int {SCHEMA_VERSION}", _show(version))
+    if version > SCHEMA_VERSION:
+        raise _fail(
+            where,
+            "schema_version",
+            f"at most {SCHEMA_VERSION}",
+            f"{version} (written by a newer opd)",
+            "upgrade opd to read this file",
+        )
+    if version != SCHEMA_VERSION:
+        raise _fail(where, "schema_version", f"int {SCHEMA_VERSION}", _show(version))
+
+
+def _check_keys(obj: Mapping[str, Any], where: str) -> None:
+    unknown = [k for k in obj if k not in _ALL_FIELDS]
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(str(name), sorted(_ALL_FIELDS), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "remove it"
+        raise RecordError(
+            f"{_loc(where)}: unknown field {str(name)!r} (the schema is strict); {hint}"
+        )
+    for name in _REQUIRED_FIELDS:
+        if name not in obj:
+            raise RecordError(
+                f"{_loc(where)}: missing required field '{name}'; "
+                f"see docs/rollouts-schema.md for the fields of schema version {SCHEMA_VERSION}"
+            )
+
+
+def _check_str(obj: Mapping[str, Any], name: str, where: str, *, nullable: bool = False) -> None:
+    value = obj[name]
+    if type(value) is str or (nullable and value is None):
+        return
+    raise _fail(where, name, "a string or null" if nullable else "a string", _show(value))
+
+
+def _check_nonneg_int(
+    obj: Mapping[str, Any], name: str, where: str, *, nullable: bool = False
+) -> None:
+    value = obj[name]
+    if value is None and nullable:
+        return
+    if type(value) is not int or value < 0:
+        expected = "an int >= 0" + (" or null" if nullable else "")
+        raise _fail(where, name, expected, _show(value))
+
+
+def _check_bool(obj: Mapping[str, Any], name: str, where: str, *, nullable: bool = False) -> None:
+    value = obj[name]
+    if type(value) is bool or (nullable and value is None):
+        return
+    raise _fail(where, name, "true/false" + (" or null" if nullable else ""), _show(value))
+
+
+def _check_list(value: Any, name: str, length: int, what: str, where: str) -> None:
+    if type(value) is not list:
+        raise _fail(where, name, f"a list of {length} {what}", _show(value))
+    if len(value) != length:
+        raise _fail(
+            where,
+            name,
+            f"length {length} (= len(response_ids))",
+            f"length {len(value)}",
+            "every per-token list must have one entry per response token",
+        )
+
+
+def _bad_float(x: Any, upper: float | None) -> str | None:
+    """Why `x` is not an acceptable float (None if it is)."""
+    if type(x) not in _NUMBER_TYPES:
+        return "a number"
+    if not math.isfinite(x):
+        return "a finite number"
+    if upper is not None and x > upper:
+        return f"a log-probability <= {upper:g}"
+    return None
+
+
+def _floats_ok(values: list, upper: float | None) -> bool:
+    """Fast path: every element is an int/float, finite, and <= upper."""
+    if not values:
+        return True
+    if not set(map(type, values)) <= _NUMBER_TYPES:
+        return False
+    if not math.isfinite(sum(values)):  # NaN or +-inf anywhere poisons the sum
+        return False
+    return upper is None or max(values) <= upper
+
+
+def _check_float_list(
+    obj: Mapping[str, Any],
+    name: str,
+    length: int,
+    where: str,
+    *,
+    upper: float | None,
+    mask: list | None = None,
+) -> None:
+    """A list of `length` finite floats; entries may be null where `mask` is 0 (if given)."""
+    value = obj[name]
+    _check_list(value, name, length, "floats", where)
+    if _floats_ok(value, upper):
+        return
+    for t, x in enumerate(value):
+        if x is None and mask is not None:
+            if mask[t] == 0:
+                continue
+            raise _fail(
+                where,
+                f"{name}[{t}]",
+                "a finite float (null is only allowed where mask is 0)",
+                "null",
+            )
+        why = _bad_float(x, upper)
+        if why is not None:
+            raise _fail(where, f"{name}[{t}]", why, _show(x))
+
+
+def _check_matrix(
+    obj: Mapping[str, Any], name: str, length: int, k: int, where: str, *, ints: bool
+) -> None:
+    """A list of `length` rows, each a list of exactly `k` ints (ids) or log-prob floats."""
+    value = obj[name]
+    what = f"rows of {k} {'token ids' if ints else 'floats'}"
+    _check_list(value, name, length, what, where)
+    if not value:
+        return
+    # Fast path over the T*K entries with C-level builtins only. array("Q") rejects anything
+    # that is not a non-negative int; sum() rejects non-numbers and turns any NaN/inf into a
+    # non-finite total; max() checks the upper bound. The one JSON value these cannot tell
+    # apart from a number is a boolean (false == 0), which no writer puts in these matrices.
+    if set(map(type, value)) <= _LIST_TYPES and set(map(len, value)) == {k}:
+        try:
+            if ints:
+                array("Q", chain.from_iterable(value))
+                return
+            total = sum(chain.from_iterable(value))
+            if math.isfinite(total) and max(chain.from_iterable(value)) <= LOGPROB_TOLERANCE:
+                return
+        except (TypeError, OverflowError):
+            pass
+    # Slow path: locate the first offending entry for the message.
+    for t, row in enumerate(value):
+        if type(row) is not list:
+            raise _fail(where, f"{name}[{t}]", f"a list of {k} entries (topk)", _show(row))
+        if len(row) != k:
+            raise _fail(
+                where,
+                f"{name}[{t}]",
+                f"length {k} (= topk)",
+                f"length {len(row)}",
+                "every top-k row must have exactly topk entries",
+            )
+        for j, x in enumerate(row):
+            if ints:
+                if type(x) is not int or x < 0:
+                    raise _fail(where, f"{name}[{t}][{j}]", "a token id (int >= 0)", _show(x))
+            else:
+                why = _bad_float(x, LOGPROB_TOLERANCE)
+                if why is not None:
+                    raise _fail(where, f"{name}[{t}][{j}]", why, _show(x))
+
+
+def _check_method(obj: Mapping[str, Any], length: int, where: str) -> None:
+    method = obj["method"]
+    if method is None:
+        return
+    if type(method) is not dict:
+        raise _fail(
+            where,
+            "method",
+            'an object {"name": ..., "token": ..., "trajectory": ...}',
+            _show(method),
+        )
+    for key in method:
+        if key not in _METHOD_KEYS:
+            raise RecordError(
+                f"{_loc(where)}: unknown field 'method.{key}'; "
+                f"a method object has only the keys {', '.join(_METHOD_KEYS)}"
+            )
+    if "name" not in method:
+        raise _fail(where, "method.name", "a non-empty string", "nothing (missing)")
+    if type(method["name"]) is not str or not method["name"]:
+        raise _fail(where, "method.name", "a non-empty string", _show(method["name"]))
+    token = method.get("token", {})
+    if type(token) is not dict:
+        raise _fail(where, "method.token", "an object {name: list of floats}", _show(token))
+    for key in token:
+        values = token[key]
+        field = f"method.token.{key}"
+        if type(values) is not list:
+            raise _fail(where, field, f"a list of {length} floats", _show(values))
+        if len(values) != length:
+            raise _fail(
+                where,
+                field,
+                f"length {length} (= len(response_ids))",
+                f"length {len(values)}",
+                "per-token method outputs need one value per response token",
+            )
+        if not _floats_ok(values, None):
+            for t, x in enumerate(values):
+                why = _bad_float(x, None)
+                if why is not None:
+                    raise _fail(where, f"{field}[{t}]", why, _show(x))
+    trajectory = method.get("trajectory", {})
+    if type(trajectory) is not dict:
+        raise _fail(
+            where,
+            "method.trajectory",
+            "an object {name: number, bool, string or null}",
+            _show(trajectory),
+        )
+    for key, x in trajectory.items():
+        if x is None or type(x) in (bool, str, int):
+            continue
+        if type(x) is float and math.isfinite(x):
+            continue
+        raise _fail(
+            where, f"method.trajectory.{key}", "a finite number, bool, string or null", _show(x)
+        )
+
+
+def validate_record(obj: dict, *, where: str = "") -> None:
+    """Check one decoded rollouts.jsonl line against the schema.
+
+    Raises `RecordError` with a single-line message naming `where` (e.g. "rollouts.jsonl:12"),
+    the field, what was expected and what was found. Returns None when the record is valid.
+    """
+    if type(obj) is not dict:
+        raise RecordError(
+            f"{_loc(where)}: expected a JSON object (one rollout record), found {_show(obj)}"
+        )
+    _check_header(obj, where)
+    _check_keys(obj, where)
+
+    for name in ("run_id", "sample_id", "prompt_id", "prompt", "response_text"):
+        _check_str(obj, name, where)
+    _check_nonneg_int(obj, "step", where)
+    _check_nonneg_int(obj, "policy_version", where)
+    _check_bool(obj, "finished", where)
+
+    ids = obj["response_ids"]
+    if type(ids) is not list:
+        raise _fail(where, "response_ids", "a list of token ids (ints >= 0)", _show(ids))
+    length = len(ids)
+    if ids and not (set(map(type, ids)) <= _INT_TYPES and min(ids) >= 0):
+        for t, x in enumerate(ids):
+            if type(x) is not int or x < 0:
+                raise _fail(where, f"response_ids[{t}]", "a token id (int >= 0)", _show(x))
+
+    mask = obj["mask"]
+    _check_list(mask, "mask", length, "0/1 ints", where)
+    if mask and not (set(map(type, mask)) <= _INT_TYPES and set(mask) <= {0, 1}):
+        for t, x in enumerate(mask):
+            if type(x) is not int or x not in (0, 1):
+                raise _fail(where, f"mask[{t}]", "0 or 1", _show(x), "1 marks a trained token")
+
+    for name in ("student_lp", "teacher_lp", "behavior_lp"):
+        _check_float_list(obj, name, length, where, upper=LOGPROB_TOLERANCE, mask=mask)
+    if obj.get("ref_lp") is not None:
+        _check_float_list(obj, "ref_lp", length, where, upper=LOGPROB_TOLERANCE, mask=mask)
+
+    topk = obj.get("topk")
+    if topk is None or (type(topk) is int and topk == 0):
+        for name in (*_TOPK_MATRICES, "teacher_lp_on_student_topk"):
+            if obj.get(name) is not None:
+                raise _fail(
+                    where,
+                    name,
+                    "no top-k data when topk is absent or 0",
+                    _show(obj[name]),
+                    f"set topk to the row length or drop '{name}'",
+                )
+    else:
+        if type(topk) is not int or not 0 <= topk <= MAX_TOPK:
+            raise _fail(
+                where,
+                "topk",
+                f"an int in 0..{MAX_TOPK}",
+                _show(topk),
+                f"store at most {MAX_TOPK} entries per token" if type(topk) is int else "",
+            )
+        for name in _TOPK_MATRICES:
+            if obj.get(name) is None:
+                raise _fail(
+                    where,
+                    name,
+                    f"a list of {length} rows of {topk} entries (required when topk > 0)",
+                    "nothing (missing)",
+                )
+            _check_matrix(obj, name, length, topk, where, ints=name.endswith("_ids"))
+        if obj.get("teacher_lp_on_student_topk") is not None:
+            _check_matrix(obj, "teacher_lp_on_student_topk", length, topk, where, ints=False)
+
+    if "correct" in obj:
+        _check_bool(obj, "correct", where, nullable=True)
+    if "answer" in obj:
+        _check_str(obj, "answer", where, nullable=True)
+    if "version_lag" in obj:
+        _check_nonneg_int(obj, "version_lag", where, nullable=True)
+    if obj.get("freshness") is not None:
+        x = obj["freshness"]
+        if type(x) not in _NUMBER_TYPES or not math.isfinite(x):
+            raise _fail(where, "freshness", "a finite float or null", _show(x))
+    if "method" in obj:
+        _check_method(obj, length, where)
+
+
+# --------------------------------------------------------------------------------------------
+# The record dataclass
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """One trajectory: a student sample, its per-token log-probs and the teacher's scores.
+
+    All per-token lists have length T = len(response_ids), aligned so that `student_lp[t]` is
+    the log-prob of `response_ids[t]` given the prompt and `response_ids[:t]`.
+    Construction does not validate; `from_json` does, and so does `RolloutWriter.write`.
+    """
+
+    run_id: str
+    step: int
+    policy_version: int
+    sample_id: str
+    prompt_id: str
+    prompt: str
+    response_text: str
+    response_ids: list[int]
+    mask: list[int]
+    student_lp: list[float | None]
+    teacher_lp: list[float | None]
+    behavior_lp: list[float | None]
+    finished: bool
+    ref_lp: list[float | None] | None = None
+    topk: int | None = None
+    student_topk_ids: list[list[int]] | None = None
+    teacher_topk_ids: list[list[int]] | None = None
+    student_topk_lp: list[list[float]] | None = None
+    teacher_topk_lp: list[list[float]] | None = None
+    teacher_lp_on_student_topk: list[list[float]] | None = None
+    correct: bool | None = None
+    answer: str | None = None
+    method: dict[str, Any] | None = None
+    version_lag: int | None = None
+    freshness: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """T, the number of response tokens."""
+        return len(self.response_ids)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object for this record (optional fields that are None are left out).
+
+        Lists are shared with the record, not copied.
+        """
+        out: dict[str, Any] = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION}
+        for name in _REQUIRED_FIELDS:
+            out[name] = getattr(self, name)
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict, *, where: str = "") -> RolloutRecord:
+        """Validate a decoded JSON object and build a record from it (raises `RecordError`)."""
+        validate_record(obj, where=where)
+        return _build(obj)
+
+
+_OPTIONAL_NAMES = tuple(
+    f.name for f in dataclasses.fields(RolloutRecord) if f.name in _OPTIONAL_FIELDS
+)
+
+
+def _build(obj: Mapping[str, Any]) -> RolloutRecord:
+    """Construct a record from an already-checked object (no validation)."""
+    kwargs = {name: obj[name] for name in _REQUIRED_FIELDS}
+    for name in _OPTIONAL_NAMES:
+        kwargs[name] = obj.get(name)
+    method = kwargs["method"]
+    if isinstance(method, dict):
+        kwargs["method"] = {
+            "name": method.get("name"),
+            "token": method.get("token", {}),
+            "trajectory": method.get("trajectory", {}),
+        }
+    return RolloutRecord(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+_SCALE = 10.0**FLOAT_DECIMALS
+
+
+def _round_list(values: list) -> list:
+    """Round every float of a validated list to FLOAT_DECIMALS (nulls stay null)."""
+    try:
+        # round(x * 1e5) / 1e5 is the nearest double to a 5-decimal number, about twice as
+        # fast as round(x, 5); it overflows only for |x| > 1e303, handled below.
+        if None in values:
+            return [None if x is None else round(x * _SCALE) / _SCALE for x in values]
+        return [round(x * _SCALE) / _SCALE for x in values]
+    except OverflowError:
+        return [None if x is None else round(x, FLOAT_DECIMALS) for x in values]
+
+
+def _rounded(obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a validated record object with every float rounded to FLOAT_DECIMALS."""
+    out = dict(obj)
+    for name in _FLOAT_LISTS:
+        if out.get(name) is not None:
+            out[name] = _round_list(out[name])
+    for name in _FLOAT_MATRICES:
+        if out.get(name) is not None:
+            out[name] = [_round_list(row) for row in out[name]]
+    if out.get("freshness") is not None:
+        out["freshness"] = round(out["freshness"], FLOAT_DECIMALS)
+    method = out.get("method")
+    if isinstance(method, dict):
+        method = dict(method)
+        if "token" in method:
+            # Integer-valued outputs (e.g. 0/1 events) stay integers.
+            method["token"] = {
+                k: v if set(map(type, v)) <= _INT_TYPES else _round_list(v)
+                for k, v in method["token"].items()
+            }
+        if "trajectory" in method:
+            method["trajectory"] = {
+                k: round(v, FLOAT_DECIMALS) if type(v) is float else v
+                for k, v in method["trajectory"].items()
+            }
+        out["method"] = method
+    return out
+
+
+def _scan_tail(f: Any, size: int) -> int:
+    """Offset just past the last b"\\n" in the open binary file `f` of `size` bytes (0 if none)."""
+    pos = size
+    chunk = 1 << 16
+    while pos > 0:
+        start = max(0, pos - chunk)
+        f.seek(start)
+        data = f.read(pos - start)
+        i = data.rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        pos = start
+    return 0
+
+
+class RolloutWriter:
+    """Append rollout records to a rollouts.jsonl file, crash-safely.
+
+    Each record is validated and serialised completely before anything is written, then written
+    with one `write` call and flushed; the file is fsynced every `fsync_every` records and on
+    close. A killed run therefore leaves at most one partial last line. When opened on a file
+    whose last line has no trailing newline, the writer repairs it first: a line that is a
+    complete JSON object just gets its newline; anything else is a record cut off mid-write and
+    is truncated away (it was never complete). Both cases emit one warning.
+
+    Use one writer per file at a time.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync_every: int = 64) -> None:
+        if type(fsync_every) is not int or fsync_every < 0:
+            raise ValueError(f"fsync_every must be an int >= 0, got {fsync_every!r}")
+        self.path = os.fspath(path)
+        self.fsync_every = fsync_every
+        self._count = 0
+        self._since_sync = 0
+        created = not os.path.exists(self.path)
+        try:
+            self._repair_tail()
+            self._file = open(self.path, "ab")
+        except OSError as exc:
+            raise RecordError(
+                f"{self.path}: cannot open for appending rollout records: {exc.strerror or exc}"
+            ) from exc
+        if created:
+            self._fsync_dir()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _repair_tail(self) -> None:
+        try:
+            f = open(self.path, "r+b")
+        except FileNotFoundError:
+            return
+        with f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            cut = _scan_tail(f, size)
+            f.seek(cut)
+            tail = f.read(size - cut)
+            try:
+                complete = isinstance(json.loads(tail.decode("utf-8")), dict)
+            except (UnicodeDecodeError, ValueError):
+                complete = False
+            if complete:
+                f.seek(size)
+                f.write(b"\n")
+                warnings.warn(
+                    f"{self.path}: last line had no trailing newline; added one before appending",
+                    stacklevel=3,
+                )
+            elif _is_truncation(tail):
+                f.truncate(cut)
+                warnings.warn(
+                    f"{self.path}: removed a partial last line ({size - cut} bytes at byte "
+                    f"offset {cut}; a record cut off by an interrupted write) before appending",
+                    stacklevel=3,
+                )
+            else:
+                raise RecordError(
+                    f"{self.path}: the last line ({size - cut} bytes at byte offset {cut}) is "
+                    "neither a record nor a record cut off mid-write; refusing to append to "
+                    "what may not be a rollouts file - check the path or move the file aside"
+                )
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _fsync_dir(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    @property
+    def count(self) -> int:
+        """Records written by this writer."""
+        return self._count
+
+    def write(self, record: RolloutRecord | dict) -> None:
+        """Validate, serialise and append one record; nothing is written if it is invalid."""
+        if self._file.closed:
+            raise ValueError(f"{self.path}: write to a closed RolloutWriter")
+        where = f"{self.path} (record {self._count + 1} of this writer)"
+        if isinstance(record, RolloutRecord):
+            obj = record.to_json()
+        elif isinstance(record, dict):
+            obj = record
+        else:
+            raise RecordError(
+                f"{where}: expected a RolloutRecord or dict, found {type(record).__name__}"
+            )
+        validate_record(obj, where=where)
+        try:
+            line = json.dumps(_rounded(obj), allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"{where}: cannot serialise record as JSON: {exc}") from exc
+        self._file.write((line + "\n").encode("utf-8"))
+        self._file.flush()
+        self._count += 1
+        self._since_sync += 1
+        if self.fsync_every and self._since_sync >= self.fsync_every:
+            os.fsync(self._file.fileno())
+            self._since_sync = 0
+
+    def close(self) -> None:
+        """Flush, fsync and close the file (idempotent)."""
+        if self._file.closed:
+            return
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+
+    def __enter__(self) -> RolloutWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None and not file.closed:
+            file.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _default_on_partial(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _is_truncation(raw: bytes) -> bool:
+    """Whether an unterminated last line looks like a record cut off mid-write."""
+    text = raw.lstrip()
+    if text.startswith(b"\xef\xbb\xbf"):
+        text = text[3:]
+    if not text.startswith(b"{"):
+        return not text.strip(b"\x00")  # a NUL-filled tail left by a crash
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Only a multi-byte character cut at the very end is a truncation.
+        return exc.reason == "unexpected end of data"
+    return True
+
+
+def read_raw(
+    path: str | os.PathLike[str],
+    *,
+    validate: bool = True,
+    on_partial: Callable[[str], None] | None = None,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Stream `(lineno, obj)` for every record of a rollouts.jsonl file, one line at a time.
+
+    Blank lines are skipped. An unterminated last line that does not parse (a record cut off by
+    an interrupted write) is reported through `on_partial` (default: `warnings.warn`) and
+    skipped. Every other bad line raises `RecordError` naming `path:lineno`. With
+    `validate=False` only `schema` / `schema_version` are checked, so newer files are still
+    refused. A missing file raises `RecordError` immediately.
+    """
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise RecordError(f"{name}: rollouts file not found; check the path or the run directory")
+    if os.path.isdir(name):
+        raise RecordError(f"{name}: is a directory, expected a rollouts.jsonl file")
+    return _iter_raw(name, validate, on_partial or _default_on_partial)
+
+
+def _iter_raw(
+    name: str, validate: bool, on_partial: Callable[[str], None]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        f = open(name, "rb")
+    except OSError as exc:
+        raise RecordError(f"{name}: cannot open rollouts file: {exc.strerror or exc}") from exc
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{name}:{lineno}"
+            terminated = raw.endswith(b"\n")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if not terminated and _is_truncation(raw):
+                    on_partial(_partial_message(where, raw))
+                    continue
+                raise RecordError(
+                    f"{where}: file is not UTF-8 text (undecodable byte at column "
+                    f"{exc.start + 1}); rollouts files are JSON lines"
+                ) from None
+            if lineno == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            try:
+                obj = json.loads(text)
+            except ValueError as exc:
+                if not terminated and _is_truncation(raw):
+                    on_partial(_partial_message(where, raw))
+                    continue
+                detail = getattr(exc, "msg", str(exc))
+                col = getattr(exc, "colno", None)
+                at = f" at column {col}" if col is not None else ""
+                raise RecordError(
+                    f"{where}: not valid JSON ({detail}{at}); each line must be one JSON object"
+                ) from None
+            if type(obj) is not dict:
+                raise RecordError(
+                    f"{where}: expected a JSON object (one rollout record), found {_show(obj)}"
+                )
+            if validate:
+                validate_record(obj, where=where)
+            else:
+                _check_header(obj, where)
+            yield lineno, obj
+
+
+def _partial_message(where: str, raw: bytes) -> str:
+    return (
+        f"{where}: skipped an incomplete last line ({len(raw)} bytes, no trailing newline); "
+        "a record cut off by an interrupted write"
+    )
+
+
+def read_records(
+    path: str | os.PathLike[str],
+    *,
+    validate: bool = True,
+    on_partial: Callable[[str], None] | None = None,
+) -> Iterator[RolloutRecord]:
+    """Stream `RolloutRecord`s from a rollouts.jsonl file, one line at a time.
+
+    Same line handling as `read_raw`. With `validate=False` records are built without checking
+    field types (only the schema header and the presence of required fields are checked).
+    """
+    rows = read_raw(path, validate=validate, on_partial=on_partial)
+    return _iter_records(os.fspath(path), rows, validate)
+
+
+def _iter_records(
+    name: str, rows: Iterator[tuple[int, dict[str, Any]]], validate: bool
+) -> Iterator[RolloutRecord]:
+    for lineno, obj in rows:
+        if not validate:
+            for field in _REQUIRED_FIELDS:
+                if field not in obj:
+                    raise RecordError(f"{name}:{lineno}: missing required field '{field}'")
+        yield _build(obj)

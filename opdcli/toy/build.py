@@ -1,0 +1,97 @@
+"""Rebuild the shipped toy teacher and student: `opd toy build`.
+
+Both are tiny Qwen3-architecture models trained from scratch on gold solutions of the toy
+task through the SFT path of `opd distill` (`distill.traces: gold`). The teacher trains long
+enough to solve most held-out problems; the student is smaller and trained briefly, so it
+starts weak and has room to learn from the teacher. Deterministic for a given seed and
+thread count on CPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opdcli.config import (
+    DataConfig,
+    DistillRunConfig,
+    DistillSpec,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    RolloutConfig,
+    RunConfig,
+    ToyTaskConfig,
+    TrainConfig,
+)
+from opdcli.toy.tokenizer import build_toy_tokenizer
+
+
+@dataclass(frozen=True)
+class ToyModelSpec:
+    """Architecture and SFT budget of one toy model."""
+
+    name: str
+    hidden: int
+    layers: int
+    steps: int
+    lr: float = 3e-3
+    warmup: int = 30
+
+
+TOY_SPECS = {
+    "teacher": ToyModelSpec("teacher", hidden=128, layers=3, steps=1100),
+    "student": ToyModelSpec("student", hidden=96, layers=2, steps=330),
+}
+
+
+def init_model(tokenizer, hidden: int, layers: int, seed: int):
+    """A randomly initialised Qwen3ForCausalLM sized for the toy tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+        max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, rope_theta=10000.0,
+    )
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_toy_model(spec: ToyModelSpec, out_dir: Path, *, task: ToyTaskConfig, seed: int = 0,
+                    steps: int | None = None, max_new_tokens: int = 48, eval_size: int = 256) -> dict[str, float]:
+    """Initialise, SFT on gold solutions via run_distill, and save to out_dir. Returns held-out metrics."""
+    from opdcli.distill import run_distill
+
+    tok = build_toy_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_dir, run_dir = Path(tmp) / "init", Path(tmp) / "run"
+        model = init_model(tok, spec.hidden, spec.layers, seed)
+        model.save_pretrained(init_dir)
+        tok.save_pretrained(init_dir)
+        n_steps = spec.steps if steps is None else steps
+        cfg = DistillRunConfig(
+            run=RunConfig(out_dir=str(run_dir), seed=seed, device="cpu", dtype="float32"),
+            model=ModelConfig(student=str(init_dir), teacher=str(init_dir)),
+            data=DataConfig(source="toy", toy=task),
+            rollout=RolloutConfig(prompts_per_step=64, max_new_tokens=max_new_tokens),
+            distill=DistillSpec(traces="gold", mode="sft"),
+            optim=OptimConfig(lr=spec.lr, warmup_steps=min(spec.warmup, n_steps), schedule="linear",
+                              min_lr_ratio=0.05, grad_clip=1.0),
+            train=TrainConfig(max_steps=n_steps, keep_checkpoints=1),
+            eval=EvalConfig(every=0, size=eval_size),
+        )
+        result = run_distill(cfg, explicit=set(), argv=["opd", "toy", "build", spec.name])
+        final = Path(result.run_dir) / "checkpoints" / f"step_{n_steps}"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(final, out_dir, ignore=shutil.ignore_patterns("trainer_state.pt"))
+    return result.after

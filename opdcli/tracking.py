@@ -1,0 +1,63 @@
+"""Metric sinks: metrics.jsonl always, tensorboard on request; plus phase timers.
+
+One JSON object per logged step with namespaced keys (`progress/step`, `optim/lr`,
+`time/sample`, `loss/...`, `signal/...`, `method/<name>/...`, `eval/<bench>/...`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
+    """Add the block's wall time in seconds to metrics[f"time/{key}"]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics[f"time/{key}"] = metrics.get(f"time/{key}", 0.0) + time.perf_counter() - start
+
+
+class MetricsLogger:
+    """Append metrics to run_dir/metrics.jsonl (flushed per line) and optionally tensorboard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self._fh = self.path.open("a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                warnings.warn("tensorboard is not installed; skipping tensorboard logging "
+                              "(pip install tensorboard)", stacklevel=2)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"progress/step": step}
+        for key, value in metrics.items():
+            v = float(value)
+            row[key] = v if math.isfinite(v) else None
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                if value is not None and key != "progress/step":
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
