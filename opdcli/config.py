@@ -175,6 +175,8 @@ class OptimConfig:
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Decay after warmup, down to min_lr_ratio * lr at max_steps."""
     min_lr_ratio: float = 0.0
+    schedule_steps: int | None = None
+    """Length of the decay schedule (default: train.max_steps); longer stops mid-schedule."""
     grad_clip: float = 1.0
     """Max global grad norm; 0 disables clipping."""
     grad_accum: int = 1

@@ -11,6 +11,7 @@ distribution on the trace (fkl).
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,6 @@ from opdcli import losses
 from opdcli.config import DistillRunConfig
 from opdcli.data import Prompt, PromptSource, heldout_prompts, render
 from opdcli.errors import ConfigError, DataError
-from opdcli.heldout import heldout_accuracy
 from opdcli.models import (
     LoadedPair,
     load_model,
@@ -86,6 +86,17 @@ def distill_loss(student, teacher, batch: RolloutBatch, mode: str, normalizer: f
     return loss, {"loss/fkl": float(loss.detach())}
 
 
+def traces(cfg: DistillRunConfig, pair: LoadedPair, prompts: list[Prompt], generator) -> RolloutBatch:
+    """Gold solutions, or the teacher's samples under rollout.* sampling."""
+    if cfg.distill.traces == "gold":
+        return gold_batch(pair.tokenizer, prompts, pair.device)
+    params = SamplingParams(n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.batch_size)
+    return sample(pair.teacher, pair.tokenizer, [render(pair.tokenizer, p) for p in prompts], params,
+                  generator=generator)
+
+
 def _load(cfg: DistillRunConfig) -> LoadedPair:
     if cfg.distill.traces == "teacher" or cfg.distill.mode == "fkl":
         return load_pair(cfg.model.student, cfg.model.teacher, cfg.run.device, cfg.run.dtype,
@@ -103,42 +114,26 @@ def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | Non
     validate_common(cfg, explicit)
     setup_process(cfg.run)
     if cfg.distill.traces == "gold":
-        for key in ("rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_new_tokens"):
+        for key in ("rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.samples_per_prompt"):
             if key in explicit:
                 raise ConfigError(f"{key} cannot take effect: distill.traces=gold samples nothing; remove it")
         if "model.teacher" in explicit and cfg.distill.mode == "sft":
-            raise ConfigError("model.teacher cannot take effect with distill.traces=gold and mode=sft; remove it")
-    pair = _load(cfg)
-    source = PromptSource(cfg.data, cfg.run.seed)
+            warnings.warn("model.teacher is not loaded: distill.traces=gold with mode=sft needs no "
+                          "teacher", stacklevel=2)
+    source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
     heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
+    pair = _load(cfg)
     optimizer = build_optimizer(pair.student, cfg.optim)
-    ctx = open_run(cfg, argv or sys.argv, pair, optimizer, source, None, tensorboard=cfg.train.tensorboard,
-                   write_rollouts=False)
-    generator = torch.Generator(device=pair.device).manual_seed(cfg.run.seed)
-    eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    ctx = open_run(cfg, argv or sys.argv, pair, optimizer, source, None, heldout, write_rollouts=False)
     n_seq = cfg.rollout.prompts_per_step * (cfg.rollout.samples_per_prompt if cfg.distill.traces == "teacher" else 1)
-
-    def evaluate() -> dict[str, float]:
-        if heldout is None:
-            return {}
-        return heldout_accuracy(pair.student, pair.tokenizer, heldout, eval_tokens, cfg.eval.batch_size)
-
-    before = evaluate()
+    before = ctx.evaluate()
     ctx.log_eval(ctx.state.step, before, "before")
     with progress_bar(cfg.train.max_steps, ctx.state.step, "opd distill") as bar:
         for step_idx in range(ctx.state.step, cfg.train.max_steps):
             metrics: dict[str, float] = {}
             prompts = source.next_batch(cfg.rollout.prompts_per_step)
             with timed(metrics, "sample"):
-                if cfg.distill.traces == "gold":
-                    batch = gold_batch(pair.tokenizer, prompts, pair.device)
-                else:
-                    params = SamplingParams(n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
-                                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                                            max_new_tokens=cfg.rollout.max_new_tokens,
-                                            batch_size=cfg.rollout.batch_size)
-                    batch = sample(pair.teacher, pair.tokenizer, [render(pair.tokenizer, p) for p in prompts],
-                                   params, generator=generator)
+                batch = traces(cfg, pair, prompts, ctx.generator)
             with timed(metrics, "train"):
                 normalizer = max(1.0, float(batch.response_mask_B_T.sum()))
                 size = -(-n_seq // cfg.optim.grad_accum)
@@ -148,20 +143,13 @@ def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | Non
                                            cfg.distill.mode, normalizer, cfg.scoring.chunk_tokens)
                     loss.backward()
                     total += float(loss.detach())
-                metrics[f"loss/{cfg.distill.mode}"] = total
+                metrics[f"loss/{cfg.distill.mode}"] = metrics["loss/total"] = total
                 metrics |= optimizer_step(pair.student, optimizer, cfg.optim, step_idx, cfg.train.max_steps)
             metrics["rollout/response_len"] = float(batch.response_mask_B_T.float().sum(-1).mean())
-            ctx.state.step, ctx.state.prompt_position = step_idx + 1, source.position
-            if cfg.eval.every and (step_idx + 1) % cfg.eval.every == 0 and step_idx + 1 < cfg.train.max_steps:
-                with timed(metrics, "eval"):
-                    metrics |= evaluate()
-            metrics["loss/total"] = total
-            ctx.metrics.log(step_idx + 1, metrics)
+            ctx.periodic(step_idx, metrics, None)
             bar.advance(metrics)
-            if cfg.train.save_every and (step_idx + 1) % cfg.train.save_every == 0:
-                ctx.save(None, generator)
-    after = evaluate()
+    after = ctx.evaluate()
     ctx.log_eval(ctx.state.step, after, "after")
-    ctx.save(None, generator, final=True)
+    ctx.save(None, final=True)
     ctx.close()
     return DistillResult(str(ctx.run_dir), before, after, ctx.state.step)

@@ -21,7 +21,8 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(1, max_steps - cfg.warmup_steps)
+    total = cfg.schedule_steps if cfg.schedule_steps is not None else max_steps
+    span = max(1, total - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr_ratio
     if cfg.schedule == "linear":

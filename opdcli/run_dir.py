@@ -44,6 +44,31 @@ class RunContext:
     metrics: MetricsLogger
     rollouts: RolloutWriter | None
     state: TrainState
+    generator: torch.Generator
+    heldout: list[Any] | None
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy held-out accuracy of the student (empty when the data has no held-out set)."""
+        if self.heldout is None:
+            return {}
+        from opdcli.heldout import heldout_accuracy
+
+        tokens = self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens
+        return heldout_accuracy(self.pair.student, self.pair.tokenizer, self.heldout, tokens,
+                                self.cfg.eval.batch_size)
+
+    def periodic(self, step_idx: int, metrics: dict[str, float], method: Any) -> None:
+        """After an optimizer step: bookkeeping, cadenced eval, logging and checkpoints."""
+        self.state.step, self.state.prompt_position = step_idx + 1, self.source.position
+        every, done = self.cfg.eval.every, step_idx + 1
+        if every and done % every == 0 and done < self.cfg.train.max_steps:
+            from opdcli.tracking import timed
+
+            with timed(metrics, "eval"):
+                metrics |= self.evaluate()
+        self.metrics.log(done, metrics)
+        if self.cfg.train.save_every and done % self.cfg.train.save_every == 0:
+            self.save(method)
 
     def log_eval(self, step: int, values: dict[str, float], label: str) -> None:
         if not values:
@@ -53,9 +78,9 @@ class RunContext:
         if acc is not None:
             console.print(f"[bold]held-out accuracy {label}[/bold] (step {step}): {100 * acc:.1f}%")
 
-    def save(self, method, generator: torch.Generator, final: bool = False) -> Path:
+    def save(self, method, final: bool = False) -> Path:
         self.state.method = method.state_dict() if method is not None else {}
-        self.state.generator = generator.get_state()
+        self.state.generator = self.generator.get_state()
         return save_checkpoint(self.run_dir, self.pair.student, self.pair.tokenizer, self.optimizer,
                                self.state, keep=self.cfg.train.keep_checkpoints, final=final)
 
@@ -65,8 +90,8 @@ class RunContext:
             self.rollouts.close()
 
 
-def open_run(cfg: Any, argv: list[str], pair, optimizer, source, method, *,
-             tensorboard: bool, write_rollouts: bool = True) -> RunContext:
+def open_run(cfg: Any, argv: list[str], pair, optimizer, source, method, heldout, *,
+             write_rollouts: bool = True) -> RunContext:
     run_dir = Path(cfg.run.out_dir).expanduser()
     state = TrainState()
     resume = cfg.run.resume
@@ -96,8 +121,11 @@ def open_run(cfg: Any, argv: list[str], pair, optimizer, source, method, *,
            "device": str(pair.device), "dtype": str(pair.dtype), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
     rollouts = RolloutWriter(run_dir / "rollouts.jsonl") if write_rollouts else None
+    generator = torch.Generator(device=pair.device).manual_seed(cfg.run.seed)
+    if state.generator is not None:
+        generator.set_state(state.generator)
     return RunContext(run_dir, uuid.uuid4().hex[:12], cfg, pair, optimizer, source,
-                      MetricsLogger(run_dir, tensorboard), rollouts, state)
+                      MetricsLogger(run_dir, cfg.train.tensorboard), rollouts, state, generator, heldout)
 
 
 def setup_process(run: Any) -> None:

@@ -17,9 +17,15 @@ import torch
 
 from opdcli.config import TrainRunConfig
 from opdcli.data import PromptSource, heldout_prompts, render
-from opdcli.heldout import heldout_accuracy
 from opdcli.methods import Method, MethodOutput, build_method
-from opdcli.models import LoadedPair, load_pair
+from opdcli.models import (
+    LoadedPair,
+    check_logit_widths,
+    check_same_vocabulary,
+    load_model,
+    load_pair,
+    load_tokenizer,
+)
 from opdcli.objective import FULL_DISTRIBUTION, objective_loss
 from opdcli.optim import build_optimizer, optimizer_step
 from opdcli.rollout.hf import SamplingParams, decode_responses, sample
@@ -39,7 +45,7 @@ class TrainResult:
 
 
 def step(*, cfg: TrainRunConfig, pair: LoadedPair, method: Method, source: PromptSource,
-         optimizer, step_idx: int, generator: torch.Generator) -> tuple[dict[str, float], Any]:
+         optimizer, step_idx: int, generator: torch.Generator, reference=None) -> tuple[dict[str, float], Any]:
     """One optimizer step. Returns the step's metrics and what rollouts.jsonl needs."""
     metrics: dict[str, float] = {}
     student, teacher, tok = pair.student, pair.teacher, pair.tokenizer
@@ -49,14 +55,15 @@ def step(*, cfg: TrainRunConfig, pair: LoadedPair, method: Method, source: Promp
         params = SamplingParams(
             n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-            max_new_tokens=method.max_new_tokens(cfg.rollout.max_new_tokens),
+            max_new_tokens=method.max_new_tokens(cfg.rollout.max_new_tokens, step_idx),
             batch_size=cfg.rollout.batch_size)
         rollout = sample(student, tok, [render(tok, p) for p in prompts], params, generator=generator)
     # score: student and teacher per-token log-probs and top-K, no grad
     with timed(metrics, "score"):
         scored = score_rollouts(student, teacher, rollout, k=cfg.scoring.top_k,
                                 chunk_tokens=cfg.scoring.chunk_tokens, batch_size=cfg.scoring.batch_size,
-                                version=step_idx, keep_teacher_hidden=cfg.loss.objective in FULL_DISTRIBUTION)
+                                version=step_idx, keep_teacher_hidden=cfg.loss.objective in FULL_DISTRIBUTION,
+                                reference=reference)
     # method: weights and advantages from the signals
     with timed(metrics, "method"):
         advantages_B_T = sampled_advantage(scored.teacher_lp_B_T, scored.student_lp_B_T, scored.mask_B_T,
@@ -101,51 +108,50 @@ def batch_signals(scored: ScoredBatch, finished_B: torch.Tensor) -> dict[str, fl
     }
 
 
+def load_reference(method: Method, cfg: TrainRunConfig, pair: LoadedPair):
+    """The frozen reference model a method asks for (G-OPD), checked against the student."""
+    name = method.reference_model(cfg.model.student)
+    if name is None:
+        return None
+    check_same_vocabulary(pair.tokenizer, load_tokenizer(name, cfg.model.trust_remote_code),
+                          cfg.model.student, name)
+    ref = load_model(name, pair.device, pair.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                     attn_implementation=cfg.model.attn_implementation)
+    check_logit_widths(pair.student, ref, cfg.model.student, name)
+    return ref
+
+
 def run_train(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | None = None) -> TrainResult:
     """Set up, loop, evaluate, checkpoint. See the module docstring."""
     validate_train_config(cfg, explicit)
     setup_process(cfg.run)
     method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
+    source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
+    heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
     pair = load_pair(cfg.model.student, cfg.model.teacher, cfg.run.device, cfg.run.dtype,
                      trust_remote_code=cfg.model.trust_remote_code,
                      attn_implementation=cfg.model.attn_implementation)
-    source = PromptSource(cfg.data, cfg.run.seed)
-    heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
     optimizer = build_optimizer(pair.student, cfg.optim)
-    ctx: RunContext = open_run(cfg, argv or sys.argv, pair, optimizer, source, method,
-                               tensorboard=cfg.train.tensorboard)
-    generator = torch.Generator(device=pair.device).manual_seed(cfg.run.seed)
-    if ctx.state.generator is not None:
-        generator.set_state(ctx.state.generator)
-    eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-
-    def evaluate() -> dict[str, float]:
-        if heldout is None:
-            return {}
-        return heldout_accuracy(pair.student, pair.tokenizer, heldout, eval_tokens, cfg.eval.batch_size)
-
-    before = evaluate()
+    method.attach(pair.tokenizer)
+    reference = load_reference(method, cfg, pair)
+    ctx: RunContext = open_run(cfg, argv or sys.argv, pair, optimizer, source, method, heldout)
+    before = ctx.evaluate()
     ctx.log_eval(ctx.state.step, before, "before")
     with progress_bar(cfg.train.max_steps, ctx.state.step, "opd train") as bar:
         for step_idx in range(ctx.state.step, cfg.train.max_steps):
             metrics, logged = step(cfg=cfg, pair=pair, method=method, source=source,
-                                   optimizer=optimizer, step_idx=step_idx, generator=generator)
-            ctx.state.step, ctx.state.prompt_position = step_idx + 1, source.position
+                                   optimizer=optimizer, step_idx=step_idx, generator=ctx.generator,
+                                   reference=reference)
             if cfg.train.rollouts_every and step_idx % cfg.train.rollouts_every == 0:
                 with timed(metrics, "log_rollouts"):
                     prompts, rollout, scored, out = logged
                     write_rollout_records(ctx.rollouts, ctx.run_id, step_idx, prompts, rollout, scored, out,
                                           decode_responses(pair.tokenizer, rollout), method.name,
                                           cfg.train.rollouts_topk)
-            if cfg.eval.every and (step_idx + 1) % cfg.eval.every == 0 and step_idx + 1 < cfg.train.max_steps:
-                with timed(metrics, "eval"):
-                    metrics |= evaluate()
-            ctx.metrics.log(step_idx + 1, metrics)
+            ctx.periodic(step_idx, metrics, method)
             bar.advance(metrics)
-            if cfg.train.save_every and (step_idx + 1) % cfg.train.save_every == 0:
-                ctx.save(method, generator)
-    after = evaluate()
+    after = ctx.evaluate()
     ctx.log_eval(ctx.state.step, after, "after")
-    ctx.save(method, generator, final=True)
+    ctx.save(method, final=True)
     ctx.close()
     return TrainResult(str(ctx.run_dir), before, after, ctx.state.step)

@@ -52,9 +52,19 @@ class Method:
     def apply(self, scored: ScoredBatch, advantages_B_T: torch.Tensor, step: int) -> MethodOutput:
         raise NotImplementedError
 
-    def max_new_tokens(self, default: int) -> int:
-        """Generation budget for the next rollout (methods that control generation override)."""
+    def max_new_tokens(self, default: int, step: int) -> int:
+        """Generation budget of step `step`'s rollout (methods that control generation override)."""
+        del step
         return default
+
+    def reference_model(self, student: str) -> str | None:
+        """A reference model to score pi_ref with (G-OPD), or None."""
+        del student
+        return None
+
+    def attach(self, tokenizer: Any) -> None:
+        """Give the method the tokenizer (the release rule segments decoded text)."""
+        self.tokenizer = tokenizer
 
     def state_dict(self) -> dict[str, Any]:
         return {}

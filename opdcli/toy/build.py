@@ -39,13 +39,16 @@ class ToyModelSpec:
     hidden: int
     layers: int
     steps: int
+    schedule_steps: int
+    """Length of the learning-rate schedule; steps < schedule_steps stops mid-schedule."""
     lr: float = 3e-3
     warmup: int = 30
 
 
 TOY_SPECS = {
-    "teacher": ToyModelSpec("teacher", hidden=128, layers=3, steps=1100),
-    "student": ToyModelSpec("student", hidden=96, layers=2, steps=330),
+    "teacher": ToyModelSpec("teacher", hidden=128, layers=3, steps=1100, schedule_steps=1100),
+    # half of a 1000-step schedule: weak (under 10%) but still in the regime where it can learn
+    "student": ToyModelSpec("student", hidden=96, layers=2, steps=500, schedule_steps=1000),
 }
 
 
@@ -85,7 +88,8 @@ def build_toy_model(spec: ToyModelSpec, out_dir: Path, *, task: ToyTaskConfig, s
             rollout=RolloutConfig(prompts_per_step=64, max_new_tokens=max_new_tokens),
             distill=DistillSpec(traces="gold", mode="sft"),
             optim=OptimConfig(lr=spec.lr, warmup_steps=min(spec.warmup, n_steps), schedule="linear",
-                              min_lr_ratio=0.05, grad_clip=1.0),
+                              min_lr_ratio=0.05, grad_clip=1.0,
+                              schedule_steps=max(n_steps, spec.schedule_steps)),
             train=TrainConfig(max_steps=n_steps, keep_checkpoints=1),
             eval=EvalConfig(every=0, size=eval_size),
         )

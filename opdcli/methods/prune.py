@@ -1,0 +1,248 @@
+"""Prune-OPD: drift-aware reliability weights and a dynamic response budget (arXiv 2605.07804).
+
+Each response token gets a drift event when the student and teacher disagree locally:
+
+* `overlap_ratio` (default): o_t = |S_t intersect T_t| / K over the two top-K id sets; the
+  event is o_t < theta.
+* `teacher_top_p_accept`: the sampled token is outside the teacher's top-p nucleus (the
+  shortest prefix of the teacher's sorted top-K whose probability reaches theta; all K when
+  the top-K never reaches it).
+
+Events accumulate (N_t, inclusive cumulative sum) and decay the reliability of every later
+token, w_t = clip(1 - w_drop * N_t, 0, 1) * m_t, so the loss weight
+omega_t = (w_t + w_base) * m_t falls monotonically from 1 + w_base to the floor w_base. The
+effective length L_eff (tokens with w_t > positive_eps) drives a batch-level generation budget:
+grow by `step` when at least `hit_ratio` of the samples stay reliable up to `margin` tokens
+before the budget, shrink by `step` after `patience` consecutive misses (methods.md §2.2).
+Defaults are the released scripts' values (methods.md §2.3).
+
+Departures from the authors' code:
+
+* The authors scale the 3-D top-K advantage R_{t,k} of the top-K objective by omega_t. Here
+  omega_t is a per-token loss weight that multiplies whichever base objective is configured
+  (for the sampled and topk policy-gradient objectives this is the same as scaling the
+  advantage; for the analytic objectives it weights each token's divergence).
+* The budget starts lazily: on the first `max_new_tokens(default, step)` call it becomes
+  `init_len` (or the rollout's `max_new_tokens` when unset), clamped to [min_len, max_len],
+  with max_len defaulting to the rollout's `max_new_tokens`; min_len is lowered to max_len
+  when it exceeds it. If `apply` runs before any budget call, the response width T of the
+  batch stands in for the rollout's `max_new_tokens`.
+* With `budget: false` the rollout keeps its static `max_new_tokens`; the weights and L_eff
+  are still computed and logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from opdcli.errors import ConfigError
+from opdcli.methods.base import Method, MethodOutput, register
+from opdcli.scoring import ScoredBatch
+from opdcli.signals import masked_mean, topk_overlap
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    metric: Literal["overlap_ratio", "teacher_top_p_accept"] = "overlap_ratio"
+    """Drift test: student/teacher top-K overlap below theta, or the sampled token outside
+    the teacher's top-p (p = theta) nucleus."""
+    k: int = 16
+    """Top-K size of the drift test (at most scoring.top_k)."""
+    theta: float = 0.7
+    """Overlap threshold (overlap_ratio) or nucleus mass (teacher_top_p_accept)."""
+    w_drop: float = 0.01
+    """Reliability lost per drift event (weights reach 0 after 1 / w_drop events)."""
+    w_base: float = 0.5
+    """Floor added to the reliability: loss weights lie in [w_base, 1 + w_base]."""
+    budget: bool = True
+    """Adapt the next step's generation budget to the effective reliable length."""
+    init_len: int | None = None
+    """Initial budget (None: the rollout's max_new_tokens)."""
+    min_len: int = 16
+    """Smallest budget."""
+    max_len: int | None = None
+    """Largest budget (None: the rollout's max_new_tokens)."""
+    step: int = 100
+    """Tokens added or removed per budget change."""
+    margin: int = 100
+    """A sample hits when L_eff >= max(min_len, budget - margin)."""
+    hit_ratio: float = 0.1
+    """Fraction of hitting samples that grows the budget."""
+    patience: int = 3
+    """Consecutive missing steps before the budget shrinks."""
+    positive_eps: float = 1e-8
+    """A token counts towards L_eff while its reliability exceeds this."""
+
+
+def overlap_ratio(student_ids_B_T_K: torch.Tensor, teacher_ids_B_T_K: torch.Tensor) -> torch.Tensor:
+    """o_t: fraction of the student's top-K ids that are among the teacher's top-K, (B, T)."""
+    return topk_overlap(student_ids_B_T_K, teacher_ids_B_T_K)
+
+
+def top_p_accept_events(sampled_ids_B_T: torch.Tensor, teacher_topk_ids_B_T_K: torch.Tensor,
+                        teacher_topk_lp_B_T_K: torch.Tensor, theta: float) -> torch.Tensor:
+    """Drift events of the teacher_top_p_accept metric, bool (B, T).
+
+    The nucleus is the shortest prefix of the teacher's top-K (sorted by probability) whose
+    cumulative probability reaches theta; a candidate is inside iff the mass before it is
+    still below theta, so when the top-K never reaches theta all K are accepted. The event
+    is the sampled token lying outside the nucleus.
+    """
+    lp_B_T_K, order_B_T_K = teacher_topk_lp_B_T_K.sort(-1, descending=True)
+    ids_B_T_K = teacher_topk_ids_B_T_K.gather(-1, order_B_T_K)
+    p_B_T_K = lp_B_T_K.exp()
+    before_B_T_K = p_B_T_K.cumsum(-1) - p_B_T_K
+    inside_B_T_K = before_B_T_K < theta
+    accepted_B_T = ((ids_B_T_K == sampled_ids_B_T[..., None]) & inside_B_T_K).any(-1)
+    return ~accepted_B_T
+
+
+def reliability_weights(events_B_T: torch.Tensor, mask_B_T: torch.Tensor, w_drop: float) -> torch.Tensor:
+    """w_t = clip(1 - w_drop * N_t, 0, 1) * m_t with N_t the inclusive count of masked events."""
+    m_B_T = (mask_B_T > 0).float()
+    n_B_T = (events_B_T.float() * m_B_T).cumsum(-1)
+    return (1.0 - w_drop * n_B_T).clamp(0.0, 1.0) * m_B_T
+
+
+def effective_length(w_B_T: torch.Tensor, mask_B_T: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """L_eff: number of valid tokens whose reliability exceeds eps, (B,) long."""
+    return ((w_B_T > eps) & (mask_B_T > 0)).sum(-1)
+
+
+class PruneBudget:
+    """Batch-level generation budget L with a miss counter c (methods.md §2.2)."""
+
+    def __init__(self, length: int, min_len: int, max_len: int, step: int, margin: int,
+                 hit_ratio: float, patience: int) -> None:
+        self.min_len, self.max_len = min_len, max_len
+        self.step, self.margin, self.hit_ratio, self.patience = step, margin, hit_ratio, patience
+        self.length = max(min_len, min(length, max_len))
+        self.misses = 0
+
+    def update(self, l_eff_B: torch.Tensor) -> dict[str, float]:
+        """Apply the hit/patience rule to one step's effective lengths; returns its diagnostics."""
+        current = self.length
+        boundary = max(self.min_len, self.length - self.margin)
+        hit = float((l_eff_B >= boundary).float().mean()) if l_eff_B.numel() else 0.0
+        if hit >= self.hit_ratio:
+            self.length = min(self.length + self.step, self.max_len)
+            self.misses = 0
+        else:
+            self.misses += 1
+            if self.misses >= self.patience:
+                self.length = max(self.length - self.step, self.min_len)
+                self.misses = 0
+        return {"budget": float(current), "next_budget": float(self.length), "hit_ratio": hit,
+                "no_hit_steps": float(self.misses)}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"length": self.length, "misses": self.misses, "min_len": self.min_len,
+                "max_len": self.max_len}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.min_len, self.max_len = int(state["min_len"]), int(state["max_len"])
+        self.length, self.misses = int(state["length"]), int(state["misses"])
+
+
+def _check_config(cfg: PruneConfig) -> None:
+    problems = [
+        (cfg.k < 1, f"k is {cfg.k}; it must be at least 1"),
+        (not 0.0 <= cfg.theta <= 1.0, f"theta is {cfg.theta}; it must lie in [0, 1]"),
+        (cfg.w_drop < 0, f"w_drop is {cfg.w_drop}; it must be >= 0"),
+        (cfg.w_base < 0, f"w_base is {cfg.w_base}; it must be >= 0 (weights are never negative)"),
+        (cfg.min_len < 1, f"min_len is {cfg.min_len}; it must be at least 1"),
+        (cfg.max_len is not None and cfg.max_len < cfg.min_len,
+         f"max_len is {cfg.max_len}; it must be >= min_len ({cfg.min_len})"),
+        (cfg.init_len is not None and cfg.init_len < 1, f"init_len is {cfg.init_len}; it must be at least 1"),
+        (cfg.step < 1, f"step is {cfg.step}; it must be at least 1"),
+        (cfg.margin < 0, f"margin is {cfg.margin}; it must be >= 0"),
+        (not 0.0 <= cfg.hit_ratio <= 1.0, f"hit_ratio is {cfg.hit_ratio}; it must lie in [0, 1]"),
+        (cfg.patience < 1, f"patience is {cfg.patience}; it must be at least 1"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(f"method.options.{message}")
+
+
+@register
+class PruneOPD(Method):
+    name = "prune"
+    summary = "Prune-OPD: drift events decay later token weights; reliable length sets the budget"
+    Config = PruneConfig
+
+    def __init__(self, cfg: PruneConfig, loss) -> None:
+        super().__init__(cfg, loss)
+        _check_config(cfg)
+        self._budget: PruneBudget | None = None
+
+    def _ensure_budget(self, default: int) -> PruneBudget:
+        if self._budget is None:
+            c = self.cfg
+            hi = c.max_len if c.max_len is not None else default
+            lo = min(c.min_len, hi)
+            init = c.init_len if c.init_len is not None else default
+            self._budget = PruneBudget(init, lo, hi, c.step, c.margin, c.hit_ratio, c.patience)
+        return self._budget
+
+    def max_new_tokens(self, default: int, step: int) -> int:
+        """The budget set by the previous step's update (the rollout default when disabled)."""
+        del step
+        if not self.cfg.budget:
+            return default
+        return self._ensure_budget(default).length
+
+    def _events(self, scored: ScoredBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drift events (bool) and the overlap ratio, both (B, T)."""
+        k = self.cfg.k
+        stored = min(scored.student_topk_ids_B_T_K.shape[-1], scored.teacher_topk_ids_B_T_K.shape[-1])
+        if stored < k:
+            raise ConfigError(f"method.options.k is {k} but only {stored} top-K entries were scored; "
+                              f"set scoring.top_k >= {k} or lower method.options.k")
+        overlap_B_T = overlap_ratio(scored.student_topk_ids_B_T_K[..., :k],
+                                    scored.teacher_topk_ids_B_T_K[..., :k])
+        if self.cfg.metric == "overlap_ratio":
+            events_B_T = overlap_B_T < self.cfg.theta
+        else:
+            events_B_T = top_p_accept_events(scored.response_ids_B_T, scored.teacher_topk_ids_B_T_K[..., :k],
+                                             scored.teacher_topk_lp_B_T_K[..., :k], self.cfg.theta)
+        return events_B_T & (scored.mask_B_T > 0), overlap_B_T
+
+    def apply(self, scored: ScoredBatch, advantages_B_T: torch.Tensor, step: int) -> MethodOutput:
+        c, m_B_T = self.cfg, scored.mask_B_T
+        events_B_T, overlap_B_T = self._events(scored)
+        w_B_T = reliability_weights(events_B_T, m_B_T, c.w_drop)
+        omega_B_T = ((w_B_T + c.w_base) * (m_B_T > 0)).detach()
+        l_eff_B = effective_length(w_B_T, m_B_T, c.positive_eps)
+        has_rows = l_eff_B.numel() > 0
+        p = f"method/{self.name}/"
+        metrics = {
+            p + "overlap_mean": float(masked_mean(overlap_B_T, m_B_T)),
+            p + "drift_rate": float(masked_mean(events_B_T.float(), m_B_T)),
+            p + "weight_mean": float(masked_mean(omega_B_T, m_B_T)),
+            p + "eff_len_mean": float(l_eff_B.float().mean()) if has_rows else 0.0,
+            p + "eff_len_min": float(l_eff_B.min()) if has_rows else 0.0,
+            p + "eff_len_max": float(l_eff_B.max()) if has_rows else 0.0,
+        }
+        if c.budget:
+            budget = self._ensure_budget(int(m_B_T.shape[-1]))
+            metrics |= {p + key: value for key, value in budget.update(l_eff_B).items()}
+        return MethodOutput(
+            weights_B_T=omega_B_T, metrics=metrics,
+            token_outputs={"overlap": overlap_B_T * (m_B_T > 0), "drift": events_B_T.float(),
+                           "reliability": w_B_T},
+            trajectory_outputs={"eff_len": [int(x) for x in l_eff_B.tolist()]},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"budget": self._budget.state_dict()} if self._budget is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state.get("budget"):
+            return
+        c, saved = self.cfg, state["budget"]
+        self._budget = PruneBudget(int(saved["length"]), int(saved["min_len"]), int(saved["max_len"]),
+                                   c.step, c.margin, c.hit_ratio, c.patience)
+        self._budget.load_state_dict(saved)
