@@ -317,6 +317,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(get_args(tp)):
             raise ConfigError(f"config key '{where}' must be a list of {len(get_args(tp))} values")
         return tuple(_coerce(v, a, where) for v, a in zip(value, get_args(tp), strict=True))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
+        (arg,) = get_args(tp)
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")

@@ -88,6 +88,7 @@ def step(*, cfg: TrainRunConfig, pair: LoadedPair, method: Method, source: Promp
             micro_metrics.append(lm)
         metrics |= {k: sum(m[k] for m in micro_metrics) / len(micro_metrics) for k in micro_metrics[0]}
         metrics["loss/total"] = loss_total
+        metrics["train/tokens_trained"] = float(((out.weights_B_T > 0) & (scored.mask_B_T > 0)).sum())
         metrics |= optimizer_step(student, optimizer, cfg.optim, step_idx, cfg.train.max_steps)
     metrics |= batch_signals(scored, rollout.finished_B) | out.metrics
     return metrics, (prompts, rollout, scored, out)

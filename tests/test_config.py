@@ -22,6 +22,16 @@ def _kind(path: Path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_validates(path):
+    if "methods" in C.read_yaml(path):  # a sweep file: every run it plans must validate
+        from opdcli.methods import build_method
+        from opdcli.sweep import load_sweep, run_overrides
+
+        sweep = load_sweep(path)
+        for method in sweep.methods:
+            cfg, explicit = C.load_config(C.TrainRunConfig, sweep.base, run_overrides(sweep, method, 0))
+            validate_train_config(cfg, explicit)
+            build_method(cfg.method.name, cfg.method.options, cfg.loss)
+        return
     cls = _kind(path)
     cfg, explicit = C.load_config(cls, path)
     if cls is C.TrainRunConfig:

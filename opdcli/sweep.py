@@ -1,0 +1,154 @@
+"""`opd sweep`: train several methods from the same student, seed and budget, then compare.
+
+    opd sweep --config configs/toy/ablation.yaml
+
+The sweep file names a base training config, shared overrides, the seeds and the methods
+(each with its own options and extra overrides). Every run gets its own directory under
+`out_dir`; the comparison table (sweep.csv, sweep.md, sweep.png) reports held-out accuracy
+before and after, wall time, tokens generated, tokens scored by the teacher and tokens
+trained on, with the mean and spread over seeds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opdcli.config import TrainRunConfig, build_dataclass, load_config, read_yaml
+from opdcli.errors import ConfigError
+from opdcli.tracking import read_metrics
+
+
+@dataclass(frozen=True)
+class SweepMethod:
+    name: str
+    """Registered method name."""
+    label: str | None = None
+    """Row label (default: the name); must be unique."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """method.options of this run."""
+    set: list[str] = field(default_factory=list)
+    """Extra key=value overrides of this run (e.g. loss.objective=sampled)."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    base: str
+    """Training config every run starts from (path relative to the sweep file or absolute)."""
+    out_dir: str = "runs/sweep"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    set: list[str] = field(default_factory=list)
+    """Overrides shared by every run (budget: train.max_steps, rollout.*)."""
+    methods: list[SweepMethod] = field(default_factory=list)
+
+
+def load_sweep(path: Path) -> SweepConfig:
+    raw = read_yaml(path)
+    methods = raw.pop("methods", None)
+    if not isinstance(methods, list) or not methods:
+        raise ConfigError(f"sweep file '{path}' needs a non-empty 'methods' list")
+    cfg = build_dataclass(SweepConfig, raw)
+    parsed = [build_dataclass(SweepMethod, m, prefix=f"methods[{i}].") if isinstance(m, dict)
+              else build_dataclass(SweepMethod, {"name": m}) for i, m in enumerate(methods)]
+    labels = [m.label or m.name for m in parsed]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"sweep file '{path}': method labels must be unique, got {labels}")
+    base = Path(cfg.base) if Path(cfg.base).is_absolute() else path.parent / cfg.base
+    return SweepConfig(base=str(base), out_dir=cfg.out_dir, seeds=cfg.seeds, set=cfg.set, methods=parsed)
+
+
+def run_overrides(sweep: SweepConfig, method: SweepMethod, seed: int) -> list[str]:
+    label = method.label or method.name
+    opts = [f"method.options.{k}={v}" for k, v in method.options.items()]
+    return [*sweep.set, f"method.name={method.name}", *opts, *method.set, f"run.seed={seed}",
+            f"run.out_dir={Path(sweep.out_dir) / f'{label}-seed{seed}'}", "run.overwrite=true"]
+
+
+def summarize_run(run_dir: Path, wall: float) -> dict[str, float]:
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in rows if "loss/total" in r]
+
+    def total(key: str) -> float:
+        return sum(r.get(key) or 0.0 for r in steps)
+
+    before = next(r["eval_before/heldout/accuracy"] for r in rows if "eval_before/heldout/accuracy" in r)
+    after = next(r["eval_after/heldout/accuracy"] for r in rows if "eval_after/heldout/accuracy" in r)
+    return {"acc_before": before, "acc_after": after, "wall_s": wall,
+            "train_s": total("time/sample") + total("time/score") + total("time/method") + total("time/train"),
+            "tokens_generated": total("rollout/tokens"), "tokens_scored": total("rollout/tokens"),
+            "tokens_trained": total("train/tokens_trained")}
+
+
+def run_sweep(path: Path, argv: list[str]) -> list[dict[str, Any]]:
+    from opdcli.train import run_train
+
+    sweep = load_sweep(path)
+    # validate every run's config before the first one trains
+    plans = []
+    for method in sweep.methods:
+        for seed in sweep.seeds:
+            cfg, explicit = load_config(TrainRunConfig, sweep.base, run_overrides(sweep, method, seed))
+            plans.append((method, seed, cfg, explicit))
+    rows = []
+    for method, seed, cfg, explicit in plans:
+        start = time.perf_counter()
+        result = run_train(cfg, explicit, argv=argv)
+        row = {"method": method.label or method.name, "seed": seed}
+        rows.append(row | summarize_run(Path(result.run_dir), time.perf_counter() - start))
+    write_table(rows, Path(sweep.out_dir))
+    return rows
+
+
+COLUMNS = ["acc_before", "acc_after", "wall_s", "train_s", "tokens_generated", "tokens_scored", "tokens_trained"]
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for label in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == label]
+        agg: dict[str, Any] = {"method": label, "seeds": len(group)}
+        for col in COLUMNS:
+            values = [float(r[col]) for r in group]
+            agg[col] = statistics.fmean(values)
+            agg[f"{col}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(agg)
+    return out
+
+
+def write_table(rows: list[dict[str, Any]], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out_dir / "sweep_runs.csv", index=False)
+    agg = aggregate(rows)
+    pd.DataFrame(agg).to_csv(out_dir / "sweep.csv", index=False)
+    lines = ["| method | seeds | acc before | acc after | wall s | tokens generated | tokens scored | tokens trained |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a in agg:
+        spread = f" ± {100 * a['acc_after_std']:.1f}" if a["seeds"] > 1 else ""
+        lines.append(f"| {a['method']} | {a['seeds']} | {100 * a['acc_before']:.1f}% | {100 * a['acc_after']:.1f}%{spread} "
+                     f"| {a['wall_s']:.0f} | {a['tokens_generated']:.0f} | {a['tokens_scored']:.0f} | {a['tokens_trained']:.0f} |")
+    (out_dir / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [a["method"] for a in agg]
+    axes[0].bar(names, [100 * a["acc_after"] for a in agg], yerr=[100 * a["acc_after_std"] for a in agg],
+                color="tab:blue", label="after")
+    axes[0].plot(names, [100 * a["acc_before"] for a in agg], "k_", markersize=20, label="before")
+    axes[0].set_ylabel("held-out accuracy (%)")
+    axes[0].legend()
+    axes[1].bar(names, [a["tokens_trained"] for a in agg], color="tab:orange", label="trained on")
+    axes[1].plot(names, [a["tokens_generated"] for a in agg], "k_", markersize=20, label="generated")
+    axes[1].set_ylabel("tokens")
+    axes[1].legend()
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out_dir / "sweep.png", dpi=120)
+    plt.close(fig)

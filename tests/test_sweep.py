@@ -1,0 +1,44 @@
+"""opd sweep: plans every run up front, trains each, writes the comparison table."""
+
+from __future__ import annotations
+
+import pytest
+
+from opdcli.errors import ConfigError
+from opdcli.sweep import load_sweep, run_sweep
+
+
+def test_sweep_writes_the_table(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(f"""
+base: {tmp_path.parent.parent / 'x'}
+out_dir: {tmp_path / 'out'}
+seeds: [0, 1]
+set: [train.max_steps=2, eval.size=8, rollout.prompts_per_step=2, train.rollouts_every=0]
+methods:
+  - name: opd
+  - name: prefix
+    options: {{length: 5}}
+""".replace(str(tmp_path.parent.parent / "x"), str((__import__("pathlib").Path("configs/toy/opd.yaml")).resolve())))
+    rows = run_sweep(f, ["test"])
+    assert [(r["method"], r["seed"]) for r in rows] == [("opd", 0), ("opd", 1), ("prefix", 0), ("prefix", 1)]
+    prefix = [r for r in rows if r["method"] == "prefix"]
+    opd = [r for r in rows if r["method"] == "opd"]
+    # prefix-OPD stops sampling at 5 tokens: 2 prompts x 1 sample x 2 steps x <= 5 tokens
+    assert all(r["tokens_generated"] <= 20 for r in prefix)
+    assert all(r["tokens_generated"] > 20 for r in opd)
+    for name in ("sweep.csv", "sweep.md", "sweep.png", "sweep_runs.csv"):
+        assert (tmp_path / "out" / name).is_file()
+    assert "| prefix | 2 |" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    ("base: x.yaml\n", "non-empty 'methods'"),
+    ("base: x.yaml\nmethods: [opd, opd]\n", "labels must be unique"),
+    ("base: x.yaml\nmethods: [{name: opd, option: {}}]\n", "Did you mean 'options'"),
+])
+def test_bad_sweep_files(tmp_path, body, match):
+    f = tmp_path / "s.yaml"
+    f.write_text(body)
+    with pytest.raises(ConfigError, match=match):
+        load_sweep(f)
