@@ -95,6 +95,23 @@ def distill(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         _fail(exc)
 
 
+@app.command()
+def sweep(config: Annotated[Path, typer.Option("--config", "-c", help="Sweep YAML (e.g. configs/toy/ablation.yaml).")]) -> None:
+    """Train several methods from the same student, seed and budget; write a comparison table."""
+    try:
+        from opdcli.sweep import run_sweep
+
+        rows = run_sweep(config, sys.argv)
+        from opdcli.sweep import aggregate
+
+        for row in aggregate(rows):
+            typer.echo(f"{row['method']:14s} acc {100 * row['acc_before']:5.1f}% -> {100 * row['acc_after']:5.1f}%  "
+                       f"generated {row['tokens_generated']:8.0f}  trained {row['tokens_trained']:8.0f}  "
+                       f"{row['wall_s']:6.0f} s")
+    except OpdError as exc:
+        _fail(exc)
+
+
 @toy_app.command("build")
 def toy_build(
     which: Annotated[list[str] | None, typer.Argument(help="teacher and/or student (default: both).")] = None,
