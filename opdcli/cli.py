@@ -114,23 +114,22 @@ def sweep(config: Annotated[Path, typer.Option("--config", "-c", help="Sweep YAM
 
 @toy_app.command("build")
 def toy_build(
-    which: Annotated[list[str] | None, typer.Argument(help="teacher and/or student (default: both).")] = None,
+    which: Annotated[list[str] | None, typer.Argument(help="teacher, student, teacher-long, student-long (default: all, in order).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: the shipped weights folder).")] = None,
     steps: Annotated[int | None, typer.Option(help="Override the SFT steps (for quick checks).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and the data stream.")] = 0,
 ) -> None:
-    """Rebuild the toy teacher and student from scratch (about 6 minutes on 2 CPU cores)."""
+    """Rebuild the toy models from scratch (all four: about 20 minutes on 2 CPU cores)."""
     try:
         import time
 
         import torch
 
-        from opdcli.config import ToyTaskConfig
         from opdcli.errors import ConfigError
         from opdcli.models import TOY_WEIGHTS
         from opdcli.toy.build import TOY_SPECS, build_toy_model
 
-        names = which or ["teacher", "student"]
+        names = which or list(TOY_SPECS)
         for name in names:
             if name not in TOY_SPECS:
                 raise ConfigError(f"unknown toy model '{name}'; choose from {', '.join(TOY_SPECS)}")
@@ -138,7 +137,7 @@ def toy_build(
         root = out or TOY_WEIGHTS
         for name in names:
             start = time.perf_counter()
-            metrics = build_toy_model(TOY_SPECS[name], root / name, task=ToyTaskConfig(), seed=seed, steps=steps)
+            metrics = build_toy_model(TOY_SPECS[name], root / name, seed=seed, steps=steps)
             acc = metrics.get("eval/heldout/accuracy", float("nan"))
             typer.echo(f"{name}: held-out accuracy {100 * acc:.1f}% in {time.perf_counter() - start:.0f} s "
                        f"-> {root / name}")

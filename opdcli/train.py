@@ -57,7 +57,8 @@ def step(*, cfg: TrainRunConfig, pair: LoadedPair, method: Method, source: Promp
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
             max_new_tokens=method.max_new_tokens(cfg.rollout.max_new_tokens, step_idx),
             batch_size=cfg.rollout.batch_size)
-        rollout = sample(student, tok, [render(tok, p) for p in prompts], params, generator=generator)
+        rollout = sample(student, tok, [render(tok, p) for p in prompts], params, generator=generator,
+                         stop=method.stop_factory(teacher))
     # score: student and teacher per-token log-probs and top-K, no grad
     with timed(metrics, "score"):
         scored = score_rollouts(student, teacher, rollout, k=cfg.scoring.top_k,

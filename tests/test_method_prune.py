@@ -189,3 +189,41 @@ def test_top_p_metric_through_the_method():
     assert out.token_outputs["drift"].tolist() == [[0.0, 1.0, 1.0]]
     assert out.weights_B_T.tolist() == [[1.5, 1.0, 0.5]]
     assert math.isclose(out.metrics["method/prune/drift_rate"], 2 / 3, rel_tol=1e-6)
+
+
+def test_online_truncation_stops_drifting_rows_and_matches_offline_events(tiny_dirs, toy_tokenizer):
+    """With the student as its own teacher no row drifts; with a different teacher and a tiny
+    event budget rows stop early, and the event count matches offline scoring of the same tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opdcli.methods.prune_online import online_stop_factory
+    from opdcli.rollout.hf import SamplingParams, sample
+    from opdcli.scoring import score_rollouts
+    from opdcli.signals import topk_overlap
+
+    s = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"]).eval()
+    t = AutoModelForCausalLM.from_pretrained(tiny_dirs["teacher"]).eval()
+    texts = ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n"] * 3
+    params = SamplingParams(n=1, max_new_tokens=24)
+    stats: list = []
+    same = sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0),
+                  stop=online_stop_factory(s, k=4, theta=0.7, w_drop=0.5, chunk=3, stats=stats))
+    assert not stats[0].stopped_B.any()
+    stats = []
+    cut = sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0),
+                 stop=online_stop_factory(t, k=4, theta=0.7, w_drop=0.5, chunk=3, stats=stats))
+    full = sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0))
+    sc = score_rollouts(s, t, full, k=4, chunk_tokens=8, batch_size=8, version=0)
+    events = (topk_overlap(sc.student_topk_ids_B_T_K, sc.teacher_topk_ids_B_T_K) < 0.7) & (sc.mask_B_T > 0)
+    cum = events.long().cumsum(-1)
+    for b in range(3):
+        n_cut = int(cut.response_mask_B_T[b].sum())
+        assert torch.equal(cut.response_ids_B_T[b, :n_cut], full.response_ids_B_T[b, :n_cut])
+        if bool(stats[0].stopped_B[b]):
+            # stopped within one chunk after the second event (w_drop 0.5 -> 2 events)
+            second = int((cum[b] >= 2).nonzero()[0])
+            assert second < n_cut <= second + 3
+        else:
+            assert int(cum[b, n_cut - 1]) < 2
+    assert int(cut.response_mask_B_T.sum()) < int(full.response_mask_B_T.sum())

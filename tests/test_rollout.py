@@ -94,9 +94,15 @@ def test_seeded_sampling_is_reproducible_and_greedy_is_deterministic(tiny):
 def test_stop_fn_stops_rows(tiny):
     model, tok = tiny
 
-    def stop_after_three(t, ids, active):
-        return torch.full_like(active, t >= 2)
+    seen = []
 
-    batch = sample(model, tok, PROMPTS, SamplingParams(n=1, max_new_tokens=10), stop_fn=stop_after_three,
+    def factory(ids_B_P, am_B_P):
+        def stop_after_three(t, tok_B, valid_B, logits_B_V):
+            seen.append((t, tok_B.shape, logits_B_V.shape))
+            return torch.full_like(valid_B, t >= 2)
+        return stop_after_three
+
+    batch = sample(model, tok, PROMPTS, SamplingParams(n=1, max_new_tokens=10), stop=factory,
                    generator=torch.Generator().manual_seed(0))
     assert int(batch.response_mask_B_T.sum(-1).max()) <= 3
+    assert seen[0] == (0, (2,), (2, len(tok)))

@@ -57,6 +57,11 @@ class Method:
         del step
         return default
 
+    def stop_factory(self, teacher: Any) -> Any:
+        """A rollout.hf.StopFactory that ends rows during sampling (Prune-OPD online), or None."""
+        del teacher
+        return None
+
     def reference_model(self, student: str) -> str | None:
         """A reference model to score pi_ref with (G-OPD), or None."""
         del student

@@ -75,6 +75,11 @@ class PruneConfig:
     """Consecutive missing steps before the budget shrinks."""
     positive_eps: float = 1e-8
     """A token counts towards L_eff while its reliability exceeds this."""
+    online: bool = False
+    """Online truncation: stop sampling a sequence once its reliability reaches 0 (the teacher
+    scores during generation, in chunks of online_chunk tokens). Needs metric overlap_ratio."""
+    online_chunk: int = 16
+    """Tokens per teacher scoring chunk during online truncation (the stop lag)."""
 
 
 def overlap_ratio(student_ids_B_T_K: torch.Tensor, teacher_ids_B_T_K: torch.Tensor) -> torch.Tensor:
@@ -176,7 +181,26 @@ class PruneOPD(Method):
     def __init__(self, cfg: PruneConfig, loss) -> None:
         super().__init__(cfg, loss)
         _check_config(cfg)
+        if cfg.online and cfg.metric != "overlap_ratio":
+            raise ConfigError("method.options.online needs metric overlap_ratio (the top-p test needs "
+                              "the teacher's sorted top-K, which online scoring does not keep)")
+        if cfg.online and cfg.w_drop <= 0:
+            raise ConfigError("method.options.online cannot take effect with w_drop 0: reliability never "
+                              "reaches 0; raise w_drop or set online: false")
+        if cfg.online_chunk < 1:
+            raise ConfigError(f"method.options.online_chunk is {cfg.online_chunk}; it must be at least 1")
         self._budget: PruneBudget | None = None
+        self._online: list = []
+
+    def stop_factory(self, teacher):
+        """Online truncation of rollouts (None unless online is set)."""
+        if not self.cfg.online:
+            return None
+        from opdcli.methods.prune_online import online_stop_factory
+
+        self._online = []
+        return online_stop_factory(teacher, k=self.cfg.k, theta=self.cfg.theta, w_drop=self.cfg.w_drop,
+                                   chunk=self.cfg.online_chunk, stats=self._online)
 
     def _ensure_budget(self, default: int) -> PruneBudget:
         if self._budget is None:
@@ -226,6 +250,12 @@ class PruneOPD(Method):
             p + "eff_len_min": float(l_eff_B.min()) if has_rows else 0.0,
             p + "eff_len_max": float(l_eff_B.max()) if has_rows else 0.0,
         }
+        if self._online:
+            stopped = sum(int(o.stopped_B.sum()) for o in self._online)
+            rows = sum(int(o.stopped_B.numel()) for o in self._online)
+            metrics[p + "online_stopped_frac"] = stopped / max(1, rows)
+            metrics[p + "online_teacher_tokens"] = float(sum(o.scored_tokens for o in self._online))
+            self._online = []
         if c.budget:
             budget = self._ensure_budget(int(m_B_T.shape[-1]))
             metrics |= {p + key: value for key, value in budget.update(l_eff_B).items()}

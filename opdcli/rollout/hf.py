@@ -1,8 +1,8 @@
 """Sampling engine on transformers models (CPU or GPU), with a KV cache and our own loop.
 
 Our own loop (rather than `model.generate`) records the sampler's log-prob of each token
-without keeping a (B, T, V) score tensor, and lets a caller stop rows early (prefix-OPD, online
-truncation) through `stop_fn`.
+without keeping a (B, T, V) score tensor, and lets a caller stop rows early (Prune-OPD's
+online truncation) through a `stop` factory that sees every sampled token as it is made.
 
 Typical use:
     batch = sample(model, tokenizer, texts, SamplingParams(n=4, temperature=1.0), generator=g)
@@ -17,8 +17,11 @@ import torch
 
 from opdcli.rollout.batch import RolloutBatch
 
-StopFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(step t, response ids so far B x (t+1), active rows B) -> rows to stop now (bool B)."""
+StopFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(step t, token sampled at t (B), rows for which it is a real token (B), the student's raw
+logits that sampled it (B x V)) -> rows to stop after this token (bool B)."""
+StopFactory = Callable[[torch.Tensor, torch.Tensor], StopFn]
+"""(prompt ids B x P, prompt attention mask B x P) of one generation block -> its StopFn."""
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,10 @@ def eos_token_ids(tokenizer, model) -> list[int]:
 
 @torch.no_grad()
 def _sample_block(model, ids_B_P, am_B_P, params: SamplingParams, eos: torch.Tensor,
-                  pad_id: int, generator: torch.Generator | None, stop_fn: StopFn | None):
+                  pad_id: int, generator: torch.Generator | None, stop: StopFactory | None):
     B = ids_B_P.shape[0]
     device = ids_B_P.device
+    stop_fn = stop(ids_B_P, am_B_P) if stop is not None else None
     out = model(input_ids=ids_B_P, attention_mask=am_B_P,
                 position_ids=(am_B_P.cumsum(-1) - 1).clamp(min=0), use_cache=True)
     past, logits_B_V = out.past_key_values, out.logits[:, -1]
@@ -86,7 +90,7 @@ def _sample_block(model, ids_B_P, am_B_P, params: SamplingParams, eos: torch.Ten
         finished |= hit_eos
         active = active & ~hit_eos
         if stop_fn is not None:
-            active = active & ~stop_fn(t, torch.stack(tokens, 1), active)
+            active = active & ~stop_fn(t, tok_B, masks[-1], logits_B_V)
         if not active.any() or t + 1 == params.max_new_tokens:
             break
         am = torch.cat([am, active[:, None].to(am.dtype)], dim=1)
@@ -98,7 +102,7 @@ def _sample_block(model, ids_B_P, am_B_P, params: SamplingParams, eos: torch.Ten
 
 
 def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
-           generator: torch.Generator | None = None, stop_fn: StopFn | None = None) -> RolloutBatch:
+           generator: torch.Generator | None = None, stop: StopFactory | None = None) -> RolloutBatch:
     """Sample `params.n` responses per prompt text (already chat-rendered)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False,
@@ -114,7 +118,7 @@ def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
     blocks = []
     for a in range(0, len(index_B), params.batch_size):
         b = slice(a, a + params.batch_size)
-        blocks.append(_sample_block(model, ids_B_P[b], am_B_P[b], params, eos, pad_id, generator, stop_fn))
+        blocks.append(_sample_block(model, ids_B_P[b], am_B_P[b], params, eos, pad_id, generator, stop))
     model.train(was_training)
     T = max(blk[0].shape[1] for blk in blocks)
 

@@ -28,6 +28,7 @@ from opdcli.config import (
     ToyTaskConfig,
     TrainConfig,
 )
+from opdcli.errors import ModelError
 from opdcli.toy.tokenizer import build_toy_tokenizer
 
 
@@ -43,12 +44,28 @@ class ToyModelSpec:
     """Length of the learning-rate schedule; steps < schedule_steps stops mid-schedule."""
     lr: float = 3e-3
     warmup: int = 30
+    init_from: str | None = None
+    """Start from this toy model (a curriculum) instead of a random initialisation."""
+    task: ToyTaskConfig = ToyTaskConfig()
+    """The task variant the model is trained on."""
+    prompts_per_step: int = 64
+    max_new_tokens: int = 48
 
 
 TOY_SPECS = {
     "teacher": ToyModelSpec("teacher", hidden=128, layers=3, steps=1100, schedule_steps=1100),
     # half of a 1000-step schedule: weak (under 10%) but still in the regime where it can learn
     "student": ToyModelSpec("student", hidden=96, layers=2, steps=500, schedule_steps=1000),
+}
+# The long-horizon variant: 8 chained additions / subtractions, answers of about 100 tokens.
+LONG_TASK = ToyTaskConfig(n_ops=8, max_operand=20, ops="+-")
+TOY_SPECS |= {
+    "teacher-long": ToyModelSpec("teacher-long", hidden=128, layers=3, steps=300, schedule_steps=300,
+                                 lr=1e-3, warmup=10, init_from="teacher", task=LONG_TASK,
+                                 prompts_per_step=32, max_new_tokens=160),
+    "student-long": ToyModelSpec("student-long", hidden=96, layers=2, steps=60, schedule_steps=300,
+                                 lr=1e-3, warmup=10, init_from="student", task=LONG_TASK,
+                                 prompts_per_step=32, max_new_tokens=160),
 }
 
 
@@ -69,23 +86,30 @@ def init_model(tokenizer, hidden: int, layers: int, seed: int):
     return model
 
 
-def build_toy_model(spec: ToyModelSpec, out_dir: Path, *, task: ToyTaskConfig, seed: int = 0,
-                    steps: int | None = None, max_new_tokens: int = 48, eval_size: int = 256) -> dict[str, float]:
+def build_toy_model(spec: ToyModelSpec, out_dir: Path, *, seed: int = 0, steps: int | None = None,
+                    eval_size: int = 256, weights_root: Path | None = None) -> dict[str, float]:
     """Initialise, SFT on gold solutions via run_distill, and save to out_dir. Returns held-out metrics."""
     from opdcli.distill import run_distill
 
     tok = build_toy_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         init_dir, run_dir = Path(tmp) / "init", Path(tmp) / "run"
-        model = init_model(tok, spec.hidden, spec.layers, seed)
-        model.save_pretrained(init_dir)
-        tok.save_pretrained(init_dir)
+        if spec.init_from is not None:
+            root = weights_root if weights_root is not None else out_dir.parent
+            if not (root / spec.init_from / "config.json").is_file():
+                raise ModelError(f"toy model '{spec.name}' starts from '{spec.init_from}', which is not "
+                                 f"built in {root}; build it first: opd toy build {spec.init_from}")
+            shutil.copytree(root / spec.init_from, init_dir)
+        else:
+            model = init_model(tok, spec.hidden, spec.layers, seed)
+            model.save_pretrained(init_dir)
+            tok.save_pretrained(init_dir)
         n_steps = spec.steps if steps is None else steps
         cfg = DistillRunConfig(
             run=RunConfig(out_dir=str(run_dir), seed=seed, device="cpu", dtype="float32"),
             model=ModelConfig(student=str(init_dir), teacher=str(init_dir)),
-            data=DataConfig(source="toy", toy=task),
-            rollout=RolloutConfig(prompts_per_step=64, max_new_tokens=max_new_tokens),
+            data=DataConfig(source="toy", toy=spec.task),
+            rollout=RolloutConfig(prompts_per_step=spec.prompts_per_step, max_new_tokens=spec.max_new_tokens),
             distill=DistillSpec(traces="gold", mode="sft"),
             optim=OptimConfig(lr=spec.lr, warmup_steps=min(spec.warmup, n_steps), schedule="linear",
                               min_lr_ratio=0.05, grad_clip=1.0,
