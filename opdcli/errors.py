@@ -37,3 +37,10 @@ class MethodNotFoundError(ConfigError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class BenchmarkNotFoundError(ConfigError, KeyError):
+    """An unknown benchmark name was requested (the message lists the known ones)."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
