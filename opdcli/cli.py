@@ -112,6 +112,49 @@ def sweep(config: Annotated[Path, typer.Option("--config", "-c", help="Sweep YAM
         _fail(exc)
 
 
+@app.command("evaluate", hidden=True)
+@app.command("eval")
+def eval_(
+    action: Annotated[str | None, typer.Argument(help="'fetch': only download and cache the bench's data.")] = None,
+    bench: Annotated[str | None, typer.Option("--bench", "-b", help="Benchmark name (see --list), or a stock lm-eval task with --harness lm-eval.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder, hub id, or toy:teacher / toy:student.")] = None,
+    generator: Annotated[str, typer.Option("--generator", "--backend", help="hf, vllm or replay.")] = "hf",
+    harness: Annotated[str, typer.Option(help="native (default) or lm-eval.")] = "native",
+    list_: Annotated[bool, typer.Option("--list", help="List the benchmarks and exit.")] = False,
+    preset: Annotated[str | None, typer.Option(help="Sampling preset: qwen3-thinking, qwen3-nothink, greedy.")] = None,
+    n: Annotated[int | None, typer.Option("--n", "-n", help="Samples per problem (k).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (0: greedy).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Top-k sampling (0: off).")] = None,
+    min_p: Annotated[float | None, typer.Option(help="Min-p sampling (vllm only).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per sample.")] = None,
+    thinking: Annotated[bool | None, typer.Option("--thinking/--no-thinking", help="enable_thinking of the chat template.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    data: Annotated[str | None, typer.Option(help="Local file with the bench's rows in the upstream format.")] = None,
+    completions: Annotated[str | None, typer.Option(help="JSONL of completions for --generator replay.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N problems.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/eval/<bench>-<model>-<time>).")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Evaluate every checkpoints/step_N of this training run.")] = None,
+    release: Annotated[str | None, typer.Option(help="LiveCodeBench release (release_v6, v5, v4_v6, ...).")] = None,
+    start_date: Annotated[str | None, typer.Option(help="LiveCodeBench: first contest date (YYYY-MM-DD).")] = None,
+    end_date: Annotated[str | None, typer.Option(help="LiveCodeBench: last contest date (YYYY-MM-DD).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N (hf generator).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Sequences generated at once (hf).")] = 64,
+    max_model_len: Annotated[int | None, typer.Option(help="vLLM context length (prompt + max tokens).")] = None,
+    score_timeout: Annotated[float, typer.Option(help="Deadline per math check / code test, seconds.")] = 10.0,
+    workers: Annotated[int, typer.Option(help="Scoring worker processes.")] = 2,
+) -> None:
+    """Evaluate a model on a benchmark (AIME, AMC, HMMT, GPQA, LiveCodeBench, toy-arith)."""
+    args = dict(locals(), argv=sys.argv)
+    try:
+        from benchmarks.cli_eval import run_cli
+
+        run_cli(args)
+    except OpdError as exc:
+        _fail(exc)
+
+
 @toy_app.command("build")
 def toy_build(
     which: Annotated[list[str] | None, typer.Argument(help="teacher, student, teacher-long, student-long (default: all, in order).")] = None,

@@ -1,0 +1,1 @@
+"""Optional second path: run our bench specs (or stock tasks) through lm-evaluation-harness."""

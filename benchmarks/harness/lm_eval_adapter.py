@@ -1,0 +1,164 @@
+"""`opd eval --harness lm-eval`: our specs rendered as lm-eval tasks, or stock task names.
+
+For a bench of our registry the normalised rows (plus the rendered prompt as `opd_prompt`)
+go to a temp JSONL, and a task YAML is written next to it: `dataset_path: json`, `repeats: k`,
+our sampling as `generation_kwargs`, a keep-all filter and `process_results` from
+`benchmarks.harness.lm_eval_hooks` (a generated `opd_hooks.py` in the same include dir). Any
+other name is passed to lm-eval as a stock task (those download from the Hub and use lm-eval's
+own prompts and scoring). lm-eval is an optional extra (`opd[eval]`), imported lazily.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import tempfile
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks import data as bench_data
+from benchmarks.generators import GenParams, resolve_params
+from benchmarks.harness.lm_eval_hooks import metric_names
+from benchmarks.prompts import build_messages
+from benchmarks.registry import BENCHMARKS, BenchSpec
+from benchmarks.report import package_versions, write_outputs
+from opdcli.errors import ConfigError
+
+
+def import_lm_eval() -> Any:
+    try:
+        import lm_eval
+    except ImportError:
+        raise ConfigError("--harness lm-eval needs lm-eval: pip install 'opd[eval]' "
+                          "(or use the default --harness native)") from None
+    return lm_eval
+
+
+class _Fn(str):
+    """A YAML `!function module.name` scalar."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Fn, lambda d, v: d.represent_scalar("!function", str(v)))
+
+
+def task_name(spec: BenchSpec) -> str:
+    return "opd_" + spec.name.replace("-", "_")
+
+
+def render_task(spec: BenchSpec, rows: list[dict[str, Any]], params: GenParams, include_dir: Path,
+                score_cfg: dict[str, Any]) -> str:
+    """Write data.jsonl, opd_hooks.py and <task>.yaml into include_dir; returns the task name."""
+    name = task_name(spec)
+    data_path = include_dir / f"{name}.jsonl"
+    docs = [{**r, "opd_prompt": build_messages(spec, r)[-1]["content"], "opd_gold": str(r.get("answer", ""))}
+            for r in rows]
+    data_path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    (include_dir / "opd_hooks.py").write_text(
+        "from benchmarks.harness.lm_eval_hooks import keep_all, make_process_results  # noqa: F401\n"
+        f"process_results = make_process_results({spec.name!r}, {params.n}, **{score_cfg!r})\n",
+        encoding="utf-8")
+    gen_kwargs: dict[str, Any] = {"until": [], "do_sample": params.temperature > 0,
+                                  "temperature": params.temperature, "max_gen_toks": params.max_tokens}
+    if params.temperature > 0:
+        gen_kwargs.update(top_p=params.top_p, top_k=params.top_k)
+    task = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_path)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{opd_prompt}}",
+        "doc_to_target": "{{opd_gold}}",
+        "repeats": params.n,
+        "generation_kwargs": gen_kwargs,
+        "filter_list": [{"name": "all", "filter": [{"function": "custom", "filter_fn": _Fn("opd_hooks.keep_all")}]}],
+        "process_results": _Fn("opd_hooks.process_results"),
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": m != "no_answer_rate"}
+                        for m in metric_names(spec.pass_k, params.n)],
+        "metadata": {"version": spec.version},
+    }
+    (include_dir / f"{name}.yaml").write_text(yaml.dump(task, Dumper=_Dumper, sort_keys=False), encoding="utf-8")
+    return name
+
+
+def _model(opts: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
+    from opdcli.models import resolve_model_path
+
+    if opts.generator not in ("hf", "vllm"):
+        raise ConfigError(f"--harness lm-eval runs models with hf or vllm, not --generator {opts.generator}")
+    if not opts.model:
+        raise ConfigError("--harness lm-eval needs --model")
+    args: dict[str, Any] = {"pretrained": resolve_model_path(opts.model), "dtype": opts.dtype}
+    if params.thinking is not None:
+        args["enable_thinking"] = params.thinking
+        if opts.generator == "vllm":
+            args["think_end_token"] = "</think>"
+    if opts.generator == "vllm" and opts.max_model_len:
+        args["max_model_len"] = opts.max_model_len
+    if opts.generator == "hf" and opts.device != "auto":
+        args["device"] = opts.device
+    return opts.generator, args
+
+
+def run_lm_eval(opts: Any, lm: Any = None, apply_chat_template: bool | None = None) -> Any:
+    """Run one bench (ours or stock) through `lm_eval.simple_evaluate`; writes the results folder."""
+    from benchmarks.runner import EvalResult, default_out
+
+    lm_eval = import_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    spec = BENCHMARKS.get(opts.bench)
+    params = resolve_params(spec.sampling if spec else {}, opts.preset, opts.sampling)
+    model, model_args = (lm, None) if lm is not None else _model(opts, params)
+    with tempfile.TemporaryDirectory(prefix="opd-lm-eval-") as tmp:
+        bench_info: dict[str, Any] = {"name": opts.bench, "stock_lm_eval_task": spec is None}
+        if spec is not None:
+            bench = bench_data.load(spec, opts.bench_options, opts.data, opts.limit)
+            score_cfg = asdict(opts.score)
+            name = render_task(spec, bench.rows, params, Path(tmp), score_cfg)
+            manager = TaskManager(include_path=tmp, include_defaults=False)
+            bench_info.update(version=spec.version, data_sha256=bench.sha256, data_source=bench.source,
+                              problems=len(bench.rows), lm_eval_task=name)
+            limit = None
+        else:
+            warnings.warn(f"'{opts.bench}' is not an opd bench: running lm-eval's stock task (its own data from "
+                          "the Hub, prompt and scoring; stock AIME/GPQA differ from paper protocols)", stacklevel=2)
+            name, manager, limit = opts.bench, TaskManager(), opts.limit
+        out = lm_eval.simple_evaluate(
+            model=model, model_args=model_args, tasks=[name], task_manager=manager, limit=limit,
+            batch_size=opts.batch_size, log_samples=True,
+            apply_chat_template=(lm is None) if apply_chat_template is None else apply_chat_template,
+            system_instruction=spec.system.strip() if spec is not None and spec.system else None,
+            gen_kwargs=None if spec is not None else _stock_gen_kwargs(params, opts),
+            random_seed=params.seed, numpy_random_seed=params.seed, torch_random_seed=params.seed,
+        )
+    if out is None:
+        raise ConfigError("lm-eval returned no results (non-zero rank of a distributed run?)")
+    metrics = {k.split(",")[0]: v for k, v in out["results"].get(name, {}).items() if "," in k}
+    results = {"bench": bench_info, "model": opts.model, "harness": "lm-eval", "sampling": params.as_dict(),
+               "metrics": metrics, "lm_eval": {"results": out.get("results"), "versions": out.get("versions"),
+                                               "n-samples": out.get("n-samples"), "configs": out.get("configs")},
+               "config": asdict(opts), "packages": package_versions(),
+               "created": dt.datetime.now(dt.timezone.utc).isoformat()}
+    out_dir = Path(opts.out) if opts.out else default_out(opts)
+    write_outputs(out_dir, results, [dict(s, task=name) for s in out.get("samples", {}).get(name, [])])
+    return EvalResult(results, out_dir)
+
+
+def _stock_gen_kwargs(params: GenParams, opts: Any) -> dict[str, Any] | None:
+    """Pass sampling to stock tasks only when the user set it explicitly."""
+    explicit = {k: v for k, v in opts.sampling.items() if v is not None and k != "thinking"}
+    if not explicit and opts.preset is None:
+        return None
+    kw = {"do_sample": params.temperature > 0, "temperature": params.temperature, "max_gen_toks": params.max_tokens}
+    if params.temperature > 0:
+        kw.update(top_p=params.top_p, top_k=params.top_k)
+    return kw
