@@ -78,8 +78,14 @@ def summarize_run(run_dir: Path, wall: float) -> dict[str, float]:
     after = next(r["eval_after/heldout/accuracy"] for r in rows if "eval_after/heldout/accuracy" in r)
     return {"acc_before": before, "acc_after": after, "wall_s": wall,
             "train_s": total("time/sample") + total("time/score") + total("time/method") + total("time/train"),
-            "tokens_generated": total("rollout/tokens"), "tokens_scored": total("rollout/tokens"),
+            "tokens_generated": total("rollout/tokens"),
+            # online truncation scores tokens during sampling as well as afterwards
+            "tokens_scored": total("rollout/tokens") + sum(total(k) for k in online_keys(steps)),
             "tokens_trained": total("train/tokens_trained")}
+
+
+def online_keys(steps: list[dict[str, float]]) -> set[str]:
+    return {k for r in steps for k in r if k.endswith("/online_teacher_tokens")}
 
 
 def run_sweep(path: Path, argv: list[str]) -> list[dict[str, Any]]:
