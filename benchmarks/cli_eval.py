@@ -44,14 +44,15 @@ def build_options(args: dict[str, Any]) -> Any:
 
 
 def fetch_only(opts: Any) -> None:
-    from benchmarks.data import fetch, load_cached
+    from benchmarks.data import check_options, fetch, load_cached
     from benchmarks.registry import get_bench
 
     spec = get_bench(opts.bench)
     if opts.data:
         raise ConfigError("`opd eval fetch` downloads from the Hub; --data FILE needs no fetching")
-    folder = fetch(spec, {**spec.options, **opts.bench_options})
-    rows, manifest = load_cached(spec, {**spec.options, **opts.bench_options})
+    options = check_options(spec, opts.bench_options, None)
+    folder = fetch(spec, options)
+    rows, manifest = load_cached(spec, options)
     typer.echo(f"{spec.name}: {len(rows)} rows, sha256 {manifest['sha256'][:16]}…, revision "
                f"{manifest.get('revision')} -> {folder}")
 

@@ -2,11 +2,11 @@
 
 Sources, in order: `--data FILE` (a local .jsonl/.json/.parquet file in the upstream row
 format), the cache (`$OPD_CACHE/benchmarks`, default `~/.cache/opd/benchmarks`), or the Hub via
-`datasets` (imported lazily; `opd eval fetch --bench X` does only this step). Every normalised
-row has an `id`; math rows add `problem`/`answer`, multiple-choice rows
-`question`/`choices`/`answer` (a letter)/`shuffle_seed`, code rows the fields of
-`benchmarks.lcb.normalise_row`. The cache manifest records the row count and the sha256 of the
-normalised JSONL; both are checked on every load.
+`datasets` (imported lazily; LiveCodeBench's raw shards through huggingface_hub);
+`opd eval fetch --bench X` does only this step. Every normalised row has an `id`; math rows add
+`problem`/`answer`, multiple-choice rows `question`/`choices`/`answer` (a letter)/
+`shuffle_seed`, code rows the fields of `benchmarks.lcb.normalise_row`. The cache manifest
+records the row count and the sha256 of the normalised JSONL; both are checked on every load.
 """
 
 from __future__ import annotations
@@ -142,6 +142,8 @@ def load(spec: BenchSpec, options: dict[str, Any] | None = None, data_file: str 
          limit: int | None = None) -> BenchData:
     """Rows of `spec`: generated (toy), from `data_file`, from the cache, or fetched."""
     options = check_options(spec, options or {}, data_file)
+    if spec.is_local and data_file:
+        raise ConfigError(f"bench '{spec.name}' is generated locally; --data has no effect: drop it")
     if spec.is_local:
         rows = toy_rows(int(spec.dataset.get("rows", 512)))
         source = {"generator": spec.dataset["generator"]}
@@ -179,13 +181,36 @@ def load_cached(spec: BenchSpec, options: dict[str, Any]) -> tuple[list[dict[str
     return rows, manifest
 
 
-def _resolve_revision(hub: str, revision: str | None) -> str | None:
+def _hub_error(spec: BenchSpec, exc: BaseException) -> DataError:
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return DataError(
+        f"cannot download bench '{spec.name}' from the Hub ({spec.dataset['hub']}): {type(exc).__name__}: "
+        f"{first}; check the network and Hub login, or pass --data FILE with the upstream rows"
+    )
+
+
+def _resolve_revision(spec: BenchSpec, revision: str | None) -> str | None:
+    """The commit sha to download; one quick request, so that no network fails fast."""
     try:
         from huggingface_hub import HfApi
+    except ImportError:
+        raise DataError("downloading benchmarks needs the 'datasets' package: pip install datasets") from None
+    try:
+        return HfApi().dataset_info(spec.dataset["hub"], revision=revision).sha
+    except Exception as exc:  # offline, unknown repo, bad revision: one message
+        raise _hub_error(spec, exc) from None
 
-        return HfApi().dataset_info(hub, revision=revision).sha
-    except Exception:  # offline or gated: load_dataset below reports the real problem
-        return revision
+
+def _download_shards(spec: BenchSpec, options: dict[str, Any], revision: str | None) -> list[dict[str, Any]]:
+    """LiveCodeBench: its Hub repo is a loading script (refused by datasets>=4), so read raw shards."""
+    from huggingface_hub import hf_hub_download
+
+    rows: list[dict[str, Any]] = []
+    for shard in lcb.shard_files(options["release"]):
+        path = hf_hub_download(spec.dataset["hub"], shard, repo_type="dataset", revision=revision)
+        with open(path, encoding="utf-8") as fh:
+            rows.extend(json.loads(line) for line in fh if line.strip())
+    return rows
 
 
 def _download(spec: BenchSpec, options: dict[str, Any], revision: str | None) -> list[dict[str, Any]]:
@@ -196,18 +221,13 @@ def _download(spec: BenchSpec, options: dict[str, Any], revision: str | None) ->
     ds_cfg = spec.dataset
     try:
         if spec.kind == "code":
-            rev = f"@{revision}" if revision else ""
-            files = [f"hf://datasets/{ds_cfg['hub']}{rev}/{s}" for s in lcb.shard_files(options["release"])]
-            ds = datasets.load_dataset("json", data_files=files, split="train")
-        else:
-            ds = datasets.load_dataset(ds_cfg["hub"], ds_cfg.get("config"), split=ds_cfg.get("split", "test"),
-                                       revision=revision)
+            return _download_shards(spec, options, revision)
+        ds = datasets.load_dataset(ds_cfg["hub"], ds_cfg.get("config"), split=ds_cfg.get("split", "test"),
+                                   revision=revision)
+    except DataError:
+        raise
     except Exception as exc:  # network, gating, missing split: one message
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(
-            f"cannot download bench '{spec.name}' from the Hub ({ds_cfg['hub']}): {type(exc).__name__}: "
-            f"{first}; check the network and Hub login, or pass --data FILE with the upstream rows"
-        ) from None
+        raise _hub_error(spec, exc) from None
     return [dict(r) for r in ds]
 
 
@@ -217,7 +237,7 @@ def fetch(spec: BenchSpec, options: dict[str, Any] | None = None) -> Path:
         raise ConfigError(f"bench '{spec.name}' is generated locally; there is nothing to fetch")
     options = {**spec.options, **(options or {})}
     requested = spec.dataset.get("revision")
-    revision = _resolve_revision(spec.dataset["hub"], requested)
+    revision = _resolve_revision(spec, requested)
     rows = normalise(spec, _download(spec, options, revision))
     expected = spec.expected_rows(options)
     if expected is not None and len(rows) != expected:

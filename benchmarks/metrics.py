@@ -3,7 +3,7 @@
 Per problem i with n_i samples of which c_i are correct:
   avg@k   mean over problems of c_i / n_i (the pass@1 estimate; k = n)
   pass@k  mean over problems of 1 - C(n_i - c_i, k) / C(n_i, k) (Chen et al. 2021, unbiased)
-  maj@k   the most common extracted answer over the n_i samples (ties: first seen) is correct
+  maj@k   the most common extracted answer over all n_i samples (ties: first seen) is correct
 Standard errors (`*_se`) are across problems: std(per-problem values, ddof=1) / sqrt(P).
 `avg@k_sampling_se` is the part due to finite k: sqrt(sum_i p_i (1 - p_i) / (n_i - 1)) / P.
 Rates are over all samples: no_answer_rate (nothing extracted, including unfinished
@@ -60,22 +60,24 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return m, math.sqrt(var / len(values))
 
 
-def compute_metrics(per_problem: Sequence[Sequence[Sample]], pass_ks: Sequence[int] = (1,)) -> dict[str, Any]:
-    """All metrics for a list of problems, each a list of its samples."""
+def compute_metrics(per_problem: Sequence[Sequence[Sample]], pass_ks: Sequence[int] = (1,),
+                    majority: bool = True) -> dict[str, Any]:
+    """All metrics for a list of problems, each a list of its samples (k = the smallest n)."""
     problems = [list(p) for p in per_problem if len(p) > 0]
     flat = [s for p in problems for s in p]
     if not problems:
         return {"problems": 0, "samples": 0}
     ns = [len(p) for p in problems]
     cs = [sum(s.correct for s in p) for p in problems]
-    out: dict[str, Any] = {"problems": len(problems), "samples": len(flat), "k": min(ns)}
+    out: dict[str, Any] = {"problems": len(problems), "samples": len(flat), "k": min(ns), "n_max": max(ns)}
     out["avg@k"], out["avg@k_se"] = mean_se([c / n for c, n in zip(cs, ns, strict=True)])
     var = sum((c / n) * (1 - c / n) / (n - 1) for c, n in zip(cs, ns, strict=True) if n > 1)
     out["avg@k_sampling_se"] = math.sqrt(var) / len(problems) if min(ns) > 1 else float("nan")
     for k in sorted(set(pass_ks) | {1}):
         if k <= min(ns):
             out[f"pass@{k}"], out[f"pass@{k}_se"] = mean_se([pass_at_k(n, c, k) for c, n in zip(cs, ns, strict=True)])
-    out[f"maj@{min(ns)}"], out[f"maj@{min(ns)}_se"] = mean_se([float(majority_correct(p)) for p in problems])
+    if majority:
+        out["maj@k"], out["maj@k_se"] = mean_se([float(majority_correct(p)) for p in problems])
     total = len(flat)
     out["no_answer_rate"] = sum(s.status in ("no_answer", "unfinished") for s in flat) / total
     out["unfinished_rate"] = sum(s.status == "unfinished" for s in flat) / total

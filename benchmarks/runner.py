@@ -71,6 +71,10 @@ def check_options(opts: EvalOptions) -> None:
     if opts.generator == "replay":
         if not opts.completions:
             raise ConfigError("--generator replay needs --completions FILE (JSONL of completions by problem id)")
+        set_flags = sorted(k for k, v in opts.sampling.items() if v is not None)
+        if set_flags or opts.preset:
+            flags = ", ".join("--" + k.replace("_", "-") for k in set_flags + (["preset"] if opts.preset else []))
+            raise ConfigError(f"{flags} cannot take effect with --generator replay (the completions exist already)")
     elif opts.completions:
         raise ConfigError("--completions only works with --generator replay; add --generator replay or drop it")
     elif not opts.model:
@@ -133,6 +137,9 @@ def run_eval(opts: EvalOptions, generator: Any = None) -> EvalResult:
     bench = bench_data.load(spec, opts.bench_options, opts.data, opts.limit)
     gen = generator if generator is not None else make_generator(opts, params)
     rows = bench.rows
+    if params.temperature == 0 and params.n > 1 and opts.generator == "hf":
+        warnings.warn(f"greedy decoding gives {params.n} identical samples per problem; set --temperature > 0",
+                      stacklevel=2)
     if getattr(gen, "name", "") == "replay":
         covered = [r for r in rows if gen.covers(r["id"])]
         if not covered:
@@ -144,19 +151,23 @@ def run_eval(opts: EvalOptions, generator: Any = None) -> EvalResult:
         rows = covered
     prompts = [ChatPrompt(r["id"], tuple(build_messages(spec, r))) for r in rows]
     t0 = time.perf_counter()
-    completions = gen.generate(prompts, params)
+    try:
+        completions = gen.generate(prompts, params)
+    finally:
+        if generator is None and hasattr(gen, "close"):
+            gen.close()
     t1 = time.perf_counter()
     scores = score_completions(spec, rows, completions, opts.score)
     t2 = time.perf_counter()
     per_problem = [[Sample(s.correct, s.extracted, s.status, c.finish_reason, c.n_tokens, len(c.text))
                     for c, s in zip(cs, ss, strict=True)] for cs, ss in zip(completions, scores, strict=True)]
-    metrics = compute_metrics(per_problem, spec.pass_k)
+    metrics = compute_metrics(per_problem, spec.pass_k, majority="maj@k" in spec.metrics)
     results = {
         "bench": {"name": spec.name, "version": spec.version, "kind": spec.kind, "spec": spec.path,
                   "data_sha256": bench.sha256, "data_source": bench.source, "problems": len(rows)},
         "model": opts.model,
         "generator": gen.describe(),
-        "sampling": params.as_dict(),
+        "sampling": params.as_dict() if opts.generator != "replay" else {"replay": opts.completions},
         "scoring": describe(spec.scorer, opts.score),
         "harness": "native",
         "config": asdict(opts),

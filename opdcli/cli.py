@@ -155,6 +155,51 @@ def eval_(
         _fail(exc)
 
 
+@app.command()
+def diagnose(
+    rollouts: Annotated[list[Path], typer.Argument(help="rollouts.jsonl files, analysed together.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: CSVs, PNGs, report.md, report.html, summary.json.")],
+    format_: Annotated[str, typer.Option("--format", help="table: a summary table; json: summary.json on stdout (nothing else).")] = "table",
+    bins: Annotated[int, typer.Option(help="Relative-position bins.")] = 10,
+    workers: Annotated[int | None, typer.Option(help="Worker processes for inputs over 64 MiB (default: CPU count, at most 8).")] = None,
+) -> None:
+    """Teachability analyses of rollouts: advantage decay, teacher margins, release rule, Prune-OPD, TOPD, freshness."""
+    try:
+        from diagnostics.run import run_diagnose
+
+        run_diagnose(rollouts, out, bins=bins, fmt=format_, workers=workers)
+    except OpdError as exc:
+        _fail(exc)
+
+
+@app.command()
+def rollout(
+    student: Annotated[str | None, typer.Option(help="Student model (default: the config's, toy:student).")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher model (default: the config's, toy:teacher).")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompt file (.jsonl, .json, .parquet) or hf:<dataset> (default: the toy task).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="rollouts.jsonl file to write.")] = Path("runs/rollouts.jsonl"),
+    n: Annotated[int | None, typer.Option("--n", "-n", help="Samples per prompt (rollout.samples_per_prompt).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation budget per sample (rollout.max_new_tokens).")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Top-K entries stored per token for both models, at most 64 (scoring.top_k).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out when it already exists.")] = False,
+) -> None:
+    """Sample from the student and score with the teacher, without training; writes rollouts.jsonl."""
+    try:
+        from opdcli.config import TrainRunConfig
+        from opdcli.rollout_cmd import apply_flags, run_rollout, set_keys
+
+        cfg, _ = _load(TrainRunConfig, config, "opd.yaml", list(set_ or []))
+        cfg = apply_flags(cfg, student=student, teacher=teacher, prompts=prompts, n=n,
+                          max_new_tokens=max_new_tokens, top_k=top_k)
+        result = run_rollout(cfg, out, overrides=set_keys(set_), overwrite=overwrite)
+        typer.echo(f"wrote {result.records} records ({result.tokens} scored tokens, top-K {result.topk}) "
+                   f"to {result.out} in {result.seconds:.1f} s")
+    except OpdError as exc:
+        _fail(exc)
+
+
 @toy_app.command("build")
 def toy_build(
     which: Annotated[list[str] | None, typer.Argument(help="teacher, student, teacher-long, student-long (default: all, in order).")] = None,

@@ -207,7 +207,7 @@ def test_online_truncation_stops_drifting_rows_and_matches_offline_events(tiny_d
     texts = ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n"] * 3
     params = SamplingParams(n=1, max_new_tokens=24)
     stats: list = []
-    same = sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0),
+    sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0),
                   stop=online_stop_factory(s, k=4, theta=0.7, w_drop=0.5, chunk=3, stats=stats))
     assert not stats[0].stopped_B.any()
     stats = []

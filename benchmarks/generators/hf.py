@@ -19,7 +19,13 @@ class HFGenerator:
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 64,
                  explicit_thinking: bool = False, trust_remote_code: bool = False) -> None:
-        from opdcli.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+        from opdcli.models import (
+            load_model,
+            load_tokenizer,
+            resolve_device,
+            resolve_dtype,
+            resolve_model_path,
+        )
 
         self.model_name, self.path = model, resolve_model_path(model)
         self.device = resolve_device(device)

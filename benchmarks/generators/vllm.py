@@ -52,6 +52,20 @@ class VLLMGenerator:
         return {"generator": self.name, "model": self.model_name, "model_path": self.path,
                 "max_model_len": self.max_model_len}
 
+    def close(self) -> None:
+        """Drop the engine so that the next checkpoint (--run-dir) gets the GPU memory back."""
+        import gc
+
+        self.engine = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
     def check_lengths(self, texts: list[str], prompts: list[ChatPrompt], max_tokens: int) -> None:
         if self.max_model_len is None:
             return

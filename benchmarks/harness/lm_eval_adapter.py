@@ -11,6 +11,7 @@ own prompts and scoring). lm-eval is an optional extra (`opd[eval]`), imported l
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import tempfile
 import warnings
@@ -101,10 +102,18 @@ def _model(opts: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
         args["enable_thinking"] = params.thinking
         if opts.generator == "vllm":
             args["think_end_token"] = "</think>"
+    needs = ("accelerate", "peft") if opts.generator == "hf" else ("vllm",)
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        extra = "lm-eval[hf]" if opts.generator == "hf" else "lm-eval[vllm]"
+        raise ConfigError(f"lm-eval's {opts.generator} backend needs {', '.join(missing)}: pip install '{extra}'")
     if opts.generator == "vllm" and opts.max_model_len:
         args["max_model_len"] = opts.max_model_len
-    if opts.generator == "hf" and opts.device != "auto":
-        args["device"] = opts.device
+    if opts.generator == "hf":
+        from opdcli.models import resolve_device, resolve_dtype
+
+        device = resolve_device(opts.device)
+        args.update(device=str(device), dtype=str(resolve_dtype(opts.dtype, device)).replace("torch.", ""))
     return opts.generator, args
 
 
@@ -142,7 +151,8 @@ def run_lm_eval(opts: Any, lm: Any = None, apply_chat_template: bool | None = No
         )
     if out is None:
         raise ConfigError("lm-eval returned no results (non-zero rank of a distributed run?)")
-    metrics = {k.split(",")[0]: v for k, v in out["results"].get(name, {}).items() if "," in k}
+    metrics = {k.split(",")[0].replace("_at_", "@").replace("_stderr", "_se"): v
+               for k, v in out["results"].get(name, {}).items() if "," in k}
     results = {"bench": bench_info, "model": opts.model, "harness": "lm-eval", "sampling": params.as_dict(),
                "metrics": metrics, "lm_eval": {"results": out.get("results"), "versions": out.get("versions"),
                                                "n-samples": out.get("n-samples"), "configs": out.get("configs")},

@@ -100,7 +100,7 @@ def _stdin_tests(code: str, tests: list[dict[str, str]], limits: Limits) -> list
         if run.timed_out:
             results.append("timeout")
         elif run.returncode != 0:
-            last = (run.stderr.strip().splitlines() or ["exit %s" % run.returncode])[-1]
+            last = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
             results.append("runtime_error: " + last[:200])
         else:
             results.append("pass" if same_output(run.stdout, t["output"]) else "wrong_answer")

@@ -1,0 +1,175 @@
+"""`opd rollout`: sample from the student and score with the teacher, without training.
+
+    opd rollout                                            # toy student, toy teacher, toy prompts
+    opd rollout --student Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-8B --prompts prompts.jsonl \\
+        --out runs/rollouts.jsonl --n 4 --max-new-tokens 4096 --top-k 16
+    opd rollout --set data.toy.n_ops=8 --set data.max_prompts=64   # the long-horizon toy variant
+
+The configuration is `TrainRunConfig` (defaults, then the toy config or `--config`, then
+`--set` overrides, then the flags): `model.*`, `data.*`, `rollout.*` (sampling), `scoring.*`,
+`run.seed/device/dtype/threads`, and `method.*` / `loss.*` (the method's per-token and
+per-trajectory outputs go into the records; default `opd`, uniform weights) are used. Keys of
+the training loop (`optim.*`, `train.*`, `eval.*`, `run.out_dir/resume/overwrite`) have no
+effect here and are refused when set with `--set`.
+
+Prompts: every prompt of a prompt file (up to `data.max_prompts`), or for the toy task
+`data.max_prompts` problems (default `rollout.prompts_per_step`). Each prompt gets
+`rollout.samples_per_prompt` samples, processed `rollout.prompts_per_step` prompts at a time.
+Every record has step 0 and policy_version 0, and stores the top-K (`scoring.top_k`, at most
+64) of both models.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from opdcli.config import TrainRunConfig, flatten_keys, parse_overrides
+from opdcli.errors import ConfigError
+from opdcli.records import MAX_TOPK, RolloutWriter
+
+UNUSED_PREFIXES = ("optim.", "train.", "eval.")
+UNUSED_KEYS = ("run.out_dir", "run.resume", "run.overwrite")
+
+
+@dataclass
+class RolloutResult:
+    out: str
+    records: int
+    tokens: int
+    topk: int
+    seconds: float
+
+
+class _Renumber:
+    """A writer wrapper giving every record a sample id that is unique across batches."""
+
+    def __init__(self, writer: RolloutWriter) -> None:
+        self.writer, self.count = writer, 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        record["sample_id"] = f"0-{self.count}"
+        self.count += 1
+        self.writer.write(record)
+
+
+def set_keys(overrides: list[str] | None) -> set[str]:
+    """The dotted keys named by --set overrides (e.g. {"data", "data.toy", "data.toy.n_ops"})."""
+    return flatten_keys(parse_overrides(list(overrides or [])))
+
+
+def apply_flags(cfg: TrainRunConfig, *, student: str | None = None, teacher: str | None = None,
+                prompts: str | None = None, n: int | None = None, max_new_tokens: int | None = None,
+                top_k: int | None = None) -> TrainRunConfig:
+    """The config with the command's flags applied on top (flags left at None change nothing)."""
+    def pick(**values: Any) -> dict[str, Any]:
+        return {k: v for k, v in values.items() if v is not None}
+
+    return replace(
+        cfg,
+        model=replace(cfg.model, **pick(student=student, teacher=teacher)),
+        data=replace(cfg.data, **pick(source=prompts)),
+        rollout=replace(cfg.rollout, **pick(samples_per_prompt=n, max_new_tokens=max_new_tokens)),
+        scoring=replace(cfg.scoring, **pick(top_k=top_k)),
+    )
+
+
+def check_rollout_config(cfg: TrainRunConfig, overrides: set[str]) -> None:
+    """Refuse overrides that cannot take effect without training; check the scoring K."""
+    from opdcli.run_dir import validate_common
+
+    for key in sorted(overrides):
+        if key.startswith(UNUSED_PREFIXES) or key in UNUSED_KEYS:
+            raise ConfigError(f"{key} has no effect in opd rollout (nothing is trained or saved "
+                              "besides the records); remove it, and use --out for the file")
+    if not 1 <= cfg.scoring.top_k <= MAX_TOPK:
+        raise ConfigError(f"the stored top-K (--top-k / scoring.top_k) is {cfg.scoring.top_k}; "
+                          f"it must be in 1..{MAX_TOPK}")
+    validate_common(cfg, overrides)
+
+
+def _prompts(cfg: TrainRunConfig) -> list[Any]:
+    from opdcli.data import PromptSource, read_rows, rows_to_prompts
+
+    if cfg.data.source == "toy":
+        count = cfg.data.max_prompts or cfg.rollout.prompts_per_step
+        return PromptSource(cfg.data, cfg.run.seed).next_batch(count)
+    return rows_to_prompts(read_rows(cfg.data.source, cfg.data.split), cfg.data, cfg.data.source)
+
+
+def _open_out(out: Path, overwrite: bool) -> RolloutWriter:
+    if out.is_dir():
+        raise ConfigError(f"--out '{out}' is a folder; pass a file name such as {out / 'rollouts.jsonl'}")
+    if out.exists() and out.stat().st_size > 0:
+        if not overwrite:
+            raise ConfigError(f"--out '{out}' already exists; pass --overwrite to replace it or "
+                              "pick another file")
+        out.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return RolloutWriter(out)
+
+
+def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | None = None,
+                overwrite: bool = False) -> RolloutResult:
+    """Sample `rollout.samples_per_prompt` responses per prompt, score them, write records.
+
+    Args:
+        cfg: the resolved config (see the module docstring for the keys used).
+        out: the rollouts.jsonl file to write.
+        overrides: dotted keys set with --set (refused when they cannot take effect).
+        overwrite: replace an existing non-empty `out`.
+    """
+    import torch
+
+    from opdcli.methods import build_method
+    from opdcli.models import load_pair
+    from opdcli.run_dir import setup_process
+    from opdcli.train import load_reference
+
+    check_rollout_config(cfg, overrides or set())
+    setup_process(cfg.run)
+    method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
+    prompts = _prompts(cfg)  # data errors surface before models load
+    out = Path(out)
+    pair = load_pair(cfg.model.student, cfg.model.teacher, cfg.run.device, cfg.run.dtype,
+                     trust_remote_code=cfg.model.trust_remote_code,
+                     attn_implementation=cfg.model.attn_implementation)
+    method.attach(pair.tokenizer)
+    reference = load_reference(method, cfg, pair)
+    generator = torch.Generator(device=pair.device).manual_seed(cfg.run.seed)
+    start, tokens = time.perf_counter(), 0
+    run_id = uuid.uuid4().hex[:12]
+    with _open_out(out, overwrite) as writer:
+        renumber = _Renumber(writer)
+        size = cfg.rollout.prompts_per_step
+        for a in range(0, len(prompts), size):
+            tokens += _batch(cfg, pair, method, reference, prompts[a:a + size], generator, renumber, run_id)
+    return RolloutResult(str(out), renumber.count, tokens, cfg.scoring.top_k, time.perf_counter() - start)
+
+
+def _batch(cfg: TrainRunConfig, pair, method, reference, prompts: list[Any], generator,
+           writer: _Renumber, run_id: str) -> int:
+    """Sample, score, apply the method and write one batch of prompts; returns its tokens."""
+    from opdcli.data import render
+    from opdcli.rollout.hf import SamplingParams, decode_responses, sample
+    from opdcli.rollout_log import write_rollout_records
+    from opdcli.scoring import score_rollouts
+    from opdcli.signals import sampled_advantage
+
+    r = cfg.rollout
+    params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
+                            top_k=r.top_k, max_new_tokens=r.max_new_tokens, batch_size=r.batch_size)
+    rollout = sample(pair.student, pair.tokenizer, [render(pair.tokenizer, p) for p in prompts], params,
+                     generator=generator)
+    scored = score_rollouts(pair.student, pair.teacher, rollout, k=cfg.scoring.top_k,
+                            chunk_tokens=cfg.scoring.chunk_tokens, batch_size=cfg.scoring.batch_size,
+                            version=0, reference=reference)
+    advantages = sampled_advantage(scored.teacher_lp_B_T, scored.student_lp_B_T, scored.mask_B_T,
+                                   cfg.loss.kl_coef, cfg.loss.discount)
+    out = method.apply(scored, advantages, 0)
+    write_rollout_records(writer, run_id, 0, prompts, rollout, scored, out,
+                          decode_responses(pair.tokenizer, rollout), method.name, cfg.scoring.top_k)
+    return int(scored.mask_B_T.sum())
