@@ -123,6 +123,7 @@ class AdvantageAnalysis:
         sec.files.append(write_csv(out / "correlation.csv", corr_rows))
         sec.files.append(self._plot(out, total, corr_rows))
         head = self._headline(total)
+        sec.headline = head
         sec.rows = [
             ("A mean, all tokens", head["adv_mean"]),
             ("A mean, first / last relative bin", f"{head['adv_mean_early']:.4g} / {head['adv_mean_late']:.4g}"),

@@ -101,6 +101,7 @@ class FreshnessAnalysis:
         sec.files.append(write_csv(out / "freshness.csv", rows, ["quantity", "lo", "hi", "count"]))
         sec.files.append(self._plot(out, lag, fresh, d_roll, c["policy_lag"]))
         head = self._headline(c)
+        sec.headline = head
         sec.rows = [("rollout drift D_roll, mean", head["d_roll_mean"]),
                     ("importance ratio exp(student_lp - behavior_lp), mean", head["is_ratio_mean"]),
                     (f"fraction of tokens with ratio > {IS_CAP:g}", head["is_ratio_over_cap"]),

@@ -70,7 +70,8 @@ def token_margin(rec: Rollout, k: int) -> np.ndarray:
 
 
 def has_margin(rec: Rollout) -> bool:
-    return rec.teacher_lp_on_student_topk is not None and rec.topk >= 2 and rec.n_tokens > 0
+    """Whether the record stores the teacher's log-probs on at least 2 student candidates."""
+    return rec.teacher_lp_on_student_topk is not None and rec.topk >= 2
 
 
 def main_k(rec: Rollout, opts: Options) -> int:
@@ -104,6 +105,8 @@ class MarginAnalysis:
     def add(self, rec: Rollout) -> None:
         if not has_margin(rec):
             self.without += 1
+            return
+        if rec.n_tokens == 0:
             return
         pos = positions(rec.n_tokens, self.opts, rec.memo)
         st = self.steps.setdefault(rec.step, _Step())
@@ -175,6 +178,7 @@ class MarginAnalysis:
         sec.table = table
         sec.files += self._plot(out, total)
         head = self._headline(total)
+        sec.headline = head
         sec.rows = [
             ("margin, first relative bin", head["margin_early"]),
             ("margin, last relative bin", head["margin_late"]),

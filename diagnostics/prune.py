@@ -152,6 +152,7 @@ class PruneAnalysis:
                       write_csv(out / "prune_records.csv", records)]
         sec.files.append(self._plot(out, total, c))
         head = self._headline(total, c)
+        sec.headline = head
         sec.rows = [
             ("top-K overlap, mean", head["overlap_mean"]),
             ("top-K overlap, first / last relative bin",

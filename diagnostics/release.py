@@ -94,6 +94,8 @@ class ReleaseAnalysis:
 
     def add(self, rec: Rollout) -> None:
         n = rec.n_tokens
+        if n == 0:
+            return
         traj = rec.trajectory
         margin = token_margin(rec, main_k(rec, self.opts)) if has_margin(rec) else None
         if all(traj.get(k) is not None for k in _NEEDED):
@@ -109,7 +111,7 @@ class ReleaseAnalysis:
                 margin = np.asarray(rec.token_outputs["margin"], dtype=np.float64)
         elif margin is not None:
             starts = token_segments(rec.response_text, n)
-            cp = profiled_rss_bic(segment_means(margin, starts) if n else np.zeros(0))
+            cp = profiled_rss_bic(segment_means(margin, starts))
             gain, accepted = float(cp.bic_improvement), bool(cp.accepted)
             cut = int(starts[cp.release_segment]) if accepted else n
             n_seg, source = int(starts.size), 0.0
@@ -120,7 +122,7 @@ class ReleaseAnalysis:
         for name, value in zip(_COLUMNS, (rec.key[0], rec.key[1], rec.step, n, n_seg, gain,
                                           float(accepted), cut, source), strict=True):
             self.cols[name].append(value)
-        if margin is not None and margin.size == n and n:
+        if margin is not None and margin.size == n:
             self._offer(Example(rec.key, margin, starts, segment_means(margin, starts), cut, gain, accepted))
 
     def _offer(self, ex: Example) -> None:
@@ -183,6 +185,7 @@ class ReleaseAnalysis:
         sec.files.append(write_csv(out / "release_records.csv", rows, [*_COLUMNS, "rel_position"]))
         sec.files += self._plot(out, c)
         head = self._headline(c)
+        sec.headline = head
         sec.rows = [
             ("records analysed", int(head["release_records"])),
             ("acceptance rate", head["release_accept_rate"]),

@@ -86,6 +86,7 @@ def _summary(col, paths: list, out: Path, bins: int, sections: list[Section],
         analyses[sec.key] = {
             "title": sec.title, "status": "skipped" if sec.skipped else "ok", "notes": sec.notes,
             "files": sec.files, "metrics": {m: clean(v) for m, v in sec.rows},
+            "headline": {m: clean(v) for m, v in sec.headline.items()},
         }
         if sec.table:
             analyses[sec.key]["table"] = [{k: clean(v) for k, v in row.items()} for row in sec.table]

@@ -20,7 +20,8 @@ class Section:
     key: short name used in summary.json and file names. rows: (metric, value) headline
     numbers. files: CSV and PNG names written into the output folder (images are the PNGs).
     notes: why a part was skipped, approximations, counts of records left out. table: an
-    optional small table (list of dicts) shown in the report.
+    optional small table (list of dicts) shown in the report. headline: the same numbers as
+    `rows`, by machine-readable name (also the per-step metric names).
     """
 
     key: str
@@ -30,6 +31,7 @@ class Section:
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     table: list[dict[str, Any]] = field(default_factory=list)
+    headline: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
 
     @property

@@ -122,6 +122,7 @@ class TopdAnalysis:
             sec.notes.append(f"thresholds and shares from a uniform sample of {c['loss'].size} "
                              f"of {self.tokens} tokens")
         head = low_divergence_share(c, self.opts.rho)
+        sec.headline = head
         xe = np.linspace(*np.quantile(c["loss"], [0.005, 0.995]), 41)
         ye = np.linspace(0.0, max(float(np.quantile(c["future"], 0.995)), 1e-6), 41)
         counts, _, _ = np.histogram2d(np.clip(c["loss"], xe[0], xe[-1]),

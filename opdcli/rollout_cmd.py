@@ -85,6 +85,9 @@ def check_rollout_config(cfg: TrainRunConfig, overrides: set[str]) -> None:
         if key.startswith(UNUSED_PREFIXES) or key in UNUSED_KEYS:
             raise ConfigError(f"{key} has no effect in opd rollout (nothing is trained or saved "
                               "besides the records); remove it, and use --out for the file")
+    if cfg.data.source == "toy" and (cfg.data.toy.n_ops < 1 or cfg.data.toy.max_operand < 2):
+        raise ConfigError(f"data.toy.n_ops is {cfg.data.toy.n_ops} and data.toy.max_operand is "
+                          f"{cfg.data.toy.max_operand}; they must be at least 1 and 2")
     if not 1 <= cfg.scoring.top_k <= MAX_TOPK:
         raise ConfigError(f"the stored top-K (--top-k / scoring.top_k) is {cfg.scoring.top_k}; "
                           f"it must be in 1..{MAX_TOPK}")
@@ -100,14 +103,16 @@ def _prompts(cfg: TrainRunConfig) -> list[Any]:
     return rows_to_prompts(read_rows(cfg.data.source, cfg.data.split), cfg.data, cfg.data.source)
 
 
-def _open_out(out: Path, overwrite: bool) -> RolloutWriter:
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise ConfigError(f"--out '{out}' is a folder; pass a file name such as {out / 'rollouts.jsonl'}")
-    if out.exists() and out.stat().st_size > 0:
-        if not overwrite:
-            raise ConfigError(f"--out '{out}' already exists; pass --overwrite to replace it or "
-                              "pick another file")
-        out.unlink()
+    if out.exists() and out.stat().st_size > 0 and not overwrite:
+        raise ConfigError(f"--out '{out}' already exists; pass --overwrite to replace it or "
+                          "pick another file")
+
+
+def _open_out(out: Path) -> RolloutWriter:
+    out.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     return RolloutWriter(out)
 
@@ -129,11 +134,12 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     from opdcli.run_dir import setup_process
     from opdcli.train import load_reference
 
+    out = Path(out)
     check_rollout_config(cfg, overrides or set())
+    _check_out(out, overwrite)
     setup_process(cfg.run)
     method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
     prompts = _prompts(cfg)  # data errors surface before models load
-    out = Path(out)
     pair = load_pair(cfg.model.student, cfg.model.teacher, cfg.run.device, cfg.run.dtype,
                      trust_remote_code=cfg.model.trust_remote_code,
                      attn_implementation=cfg.model.attn_implementation)
@@ -142,7 +148,7 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     generator = torch.Generator(device=pair.device).manual_seed(cfg.run.seed)
     start, tokens = time.perf_counter(), 0
     run_id = uuid.uuid4().hex[:12]
-    with _open_out(out, overwrite) as writer:
+    with _open_out(out) as writer:
         renumber = _Renumber(writer)
         size = cfg.rollout.prompts_per_step
         for a in range(0, len(prompts), size):

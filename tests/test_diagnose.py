@@ -70,6 +70,7 @@ def test_planted_variance_decay(planted):
     out, summary = planted
     m = metrics(summary, "advantage")
     assert m["std(A) late / early (normalised)"] < 0.5
+    assert summary["analyses"]["advantage"]["headline"]["adv_std_late_over_early"] < 0.5
     table = rows(out / "advantage_relative.csv")
     assert len(table) == 10 and float(table[0]["std_norm"]) == 1.0
     assert float(table[-1]["std_norm"]) < 0.5
@@ -297,3 +298,17 @@ def test_topd_share_and_future_window():
     share = low_divergence_share({"loss": loss, "future": future, "div": div}, rho=0.2)
     assert share["topd_high_loss"] == 2 and share["topd_low_div_share"] == 0.5
     assert share["topd_delta"] == 1.5
+
+
+def test_empty_responses_and_mixed_topk(tmp_path):
+    rng = np.random.default_rng(4)
+    with RolloutWriter(tmp_path / "mixed.jsonl") as writer:
+        for i, (t, k) in enumerate([(0, 4), (30, 4), (30, 64), (25, 1), (0, 0), (40, 8)]):
+            writer.write(synthetic_record(rng, i, t, k, topk=k > 0))
+    result = diagnose(str(tmp_path / "mixed.jsonl"), "--out", str(tmp_path / "d"), "--format", "json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["records"] == 6 and summary["topk"] == {"0": 1, "1": 1, "4": 2, "8": 1, "64": 1}
+    margin = summary["analyses"]["margin"]
+    assert [r["K"] for r in margin["table"]] == [2, 4, 8, 16, 32, 64]
+    assert "2 records without teacher_lp_on_student_topk" in margin["notes"][0]

@@ -44,6 +44,7 @@ def test_rollout_writes_valid_records_and_diagnose_reads_them(tmp_path):
     (["--n", "0"], "rollout.samples_per_prompt is 0"),
     (["--prompts", "missing.jsonl"], "is not a file"),
     (["--set", "model.studnt=x"], "Did you mean 'student'"),
+    (["--set", "data.toy.n_ops=0"], "data.toy.n_ops is 0"),
 ])
 def test_rollout_refuses_bad_options(tmp_path, args, needle):
     result = runner.invoke(app, ["rollout", "--out", str(tmp_path / "r.jsonl"), *args])
