@@ -554,7 +554,9 @@ def test_writer_appends_and_fsyncs(tmp_path, monkeypatch):
         calls.append(fd)
         real_fsync(fd)
 
-    monkeypatch.setattr(records.os, "fsync", counting_fsync)
+    import opdcli.records_io as records_io
+
+    monkeypatch.setattr(records_io.os, "fsync", counting_fsync)
     path = tmp_path / "r.jsonl"
     path.touch()  # an existing file: no directory fsync on open
     with RolloutWriter(path, fsync_every=2) as w:
