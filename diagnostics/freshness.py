@@ -18,7 +18,7 @@ import numpy as np
 
 from diagnostics.lines import Rollout
 from diagnostics.section import Section, write_csv
-from diagnostics.stats import Options, histogram_rows, quantile
+from diagnostics.stats import Options, column_arrays, histogram_rows, quantile
 
 TITLE = "Freshness and staleness"
 DESCRIPTION = (
@@ -54,11 +54,7 @@ class FreshnessAnalysis:
             self.cols[name].extend(other.cols[name])
 
     def _columns(self, step: int | None = None) -> dict[str, np.ndarray]:
-        c = {n: np.frombuffer(col, dtype=np.float64) if len(col) else np.zeros(0)
-             for n, col in self.cols.items()}
-        if step is not None:
-            c = {n: v[c["step"] == step] for n, v in c.items()}
-        return c
+        return column_arrays(self.cols, step)
 
     @staticmethod
     def _headline(c: dict[str, np.ndarray]) -> dict[str, float]:

@@ -21,7 +21,7 @@ import numpy as np
 from diagnostics.lines import Rollout
 from diagnostics.margin import student_candidates
 from diagnostics.section import Section, ratio, skipped, write_csv
-from diagnostics.stats import BinMoments, Options, positions
+from diagnostics.stats import BinMoments, Options, column_arrays, positions
 
 TITLE = "Prune-OPD: top-K overlap, drift events and effective reliable length"
 DESCRIPTION = (
@@ -101,11 +101,7 @@ class PruneAnalysis:
         return total
 
     def _columns(self, step: int | None = None) -> dict[str, np.ndarray]:
-        c = {n: np.frombuffer(col, dtype=np.float64) if len(col) else np.zeros(0)
-             for n, col in self.cols.items()}
-        if step is not None:
-            c = {n: v[c["step"] == step] for n, v in c.items()}
-        return c
+        return column_arrays(self.cols, step)
 
     @staticmethod
     def _headline(st: _Step, c: dict[str, np.ndarray]) -> dict[str, float]:

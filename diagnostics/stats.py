@@ -193,6 +193,14 @@ class TokenSample:
         return self.__dict__.copy()
 
 
+def column_arrays(cols: dict, step: int | None = None) -> dict[str, np.ndarray]:
+    """Per-record float64 columns (array("d") buffers) as numpy, optionally one step's rows."""
+    c = {n: np.frombuffer(col, dtype=np.float64) if len(col) else np.zeros(0) for n, col in cols.items()}
+    if step is not None:
+        c = {n: v[c["step"] == step] for n, v in c.items()}
+    return c
+
+
 def quantile(x: np.ndarray, q: float) -> float:
     """Linear-interpolation quantile (NaN for an empty array)."""
     return float(np.quantile(x, q)) if x.size else float("nan")

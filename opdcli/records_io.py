@@ -1,4 +1,4 @@
-"""Writing and streaming rollouts.jsonl: crash-safe appends and line-by-line readers.
+"""The rollout record dataclass, crash-safe appends to rollouts.jsonl and streaming readers.
 
 The schema, the record dataclass and validation live in `opdcli.records`, which re-exports
 everything here; import from there.
@@ -6,10 +6,12 @@ everything here; import from there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from opdcli.errors import RecordError
@@ -17,14 +19,101 @@ from opdcli.records import (
     _FLOAT_LISTS,
     _FLOAT_MATRICES,
     _INT_TYPES,
+    _OPTIONAL_FIELDS,
     _REQUIRED_FIELDS,
     FLOAT_DECIMALS,
-    RolloutRecord,
-    _build,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
     _check_header,
     _show,
     validate_record,
 )
+
+# --------------------------------------------------------------------------------------------
+# The record dataclass
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """One trajectory: a student sample, its per-token log-probs and the teacher's scores.
+
+    All per-token lists have length T = len(response_ids), aligned so that `student_lp[t]` is
+    the log-prob of `response_ids[t]` given the prompt and `response_ids[:t]`.
+    Construction does not validate; `from_json` does, and so does `RolloutWriter.write`.
+    """
+
+    run_id: str
+    step: int
+    policy_version: int
+    sample_id: str
+    prompt_id: str
+    prompt: str
+    response_text: str
+    response_ids: list[int]
+    mask: list[int]
+    student_lp: list[float | None]
+    teacher_lp: list[float | None]
+    behavior_lp: list[float | None]
+    finished: bool
+    ref_lp: list[float | None] | None = None
+    topk: int | None = None
+    student_topk_ids: list[list[int]] | None = None
+    teacher_topk_ids: list[list[int]] | None = None
+    student_topk_lp: list[list[float]] | None = None
+    teacher_topk_lp: list[list[float]] | None = None
+    teacher_lp_on_student_topk: list[list[float]] | None = None
+    correct: bool | None = None
+    answer: str | None = None
+    method: dict[str, Any] | None = None
+    version_lag: int | None = None
+    freshness: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """T, the number of response tokens."""
+        return len(self.response_ids)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object for this record (optional fields that are None are left out).
+
+        Lists are shared with the record, not copied.
+        """
+        out: dict[str, Any] = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION}
+        for name in _REQUIRED_FIELDS:
+            out[name] = getattr(self, name)
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict, *, where: str = "") -> RolloutRecord:
+        """Validate a decoded JSON object and build a record from it (raises `RecordError`)."""
+        validate_record(obj, where=where)
+        return _build(obj)
+
+
+_OPTIONAL_NAMES = tuple(
+    f.name for f in dataclasses.fields(RolloutRecord) if f.name in _OPTIONAL_FIELDS
+)
+
+
+def _build(obj: Mapping[str, Any]) -> RolloutRecord:
+    """Construct a record from an already-checked object (no validation)."""
+    kwargs = {name: obj[name] for name in _REQUIRED_FIELDS}
+    for name in _OPTIONAL_NAMES:
+        kwargs[name] = obj.get(name)
+    method = kwargs["method"]
+    if isinstance(method, dict):
+        kwargs["method"] = {
+            "name": method.get("name"),
+            "token": method.get("token", {}),
+            "trajectory": method.get("trajectory", {}),
+        }
+    return RolloutRecord(**kwargs)
+
 
 # --------------------------------------------------------------------------------------------
 # Writing
