@@ -10,6 +10,7 @@ the version is recorded in every results.json.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,10 @@ def _parse(raw: Any, path: Path) -> BenchSpec:
         raise ConfigError(f"{where}: unknown dataset key(s) {', '.join(bad_ds)}")
     if "hub" not in raw["dataset"] and "generator" not in raw["dataset"]:
         raise ConfigError(f"{where}: dataset needs 'hub' (a Hub repo) or 'generator' (local)")
+    revision = raw["dataset"].get("revision")
+    if revision is not None and not re.fullmatch(r"[0-9a-f]{40}", str(revision)):
+        raise ConfigError(f"{where}: dataset.revision '{revision}' is not a commit sha; pin the full "
+                          "40-character Hub commit (or null to resolve and record it at fetch time)")
     metrics = tuple(raw.get("metrics", METRICS))
     bad = [m for m in metrics if m not in METRICS]
     if bad:

@@ -5,9 +5,11 @@ its manifest, and a fetch without network fails with one clear line."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import pickle
+import re
 import zlib
 from pathlib import Path
 
@@ -33,6 +35,19 @@ def test_registry_has_every_bench_and_lists_them():
     assert result.exit_code == 0
     for name in BENCHMARKS:
         assert name in result.output
+
+
+def test_every_hub_bench_pins_a_commit(tmp_path):
+    hub = [s for s in BENCHMARKS.values() if "hub" in s.dataset]
+    assert len(hub) == 6
+    for spec in hub:
+        assert re.fullmatch(r"[0-9a-f]{40}", spec.dataset["revision"]), spec.name
+    bad = tmp_path / "specs"
+    bad.mkdir()
+    (bad / "x.yaml").write_text("name: x\nversion: 1\nkind: math\ndataset: {hub: a/b, revision: main}\n"
+                                "prompt: '{problem}'\nscorer: math\n")
+    with pytest.raises(ConfigError, match="dataset.revision 'main' is not a commit sha"):
+        load_specs(bad)
 
 
 def test_unknown_bench_suggests_the_closest():
@@ -145,7 +160,7 @@ def test_toy_bench_is_the_heldout_split():
 
 def test_fetch_writes_cache_and_manifest_then_detects_tampering(tmp_path, monkeypatch):
     monkeypatch.setenv("OPD_CACHE", str(tmp_path))
-    spec = get_bench("aime24")
+    spec = dataclasses.replace(get_bench("aime24"), dataset={**get_bench("aime24").dataset, "revision": None})
     raw = [json.loads(line) for line in (FIX / "aime24.jsonl").read_text().splitlines()]
     monkeypatch.setattr(bench_data, "_resolve_revision", lambda spec, rev: "abc123")
     monkeypatch.setattr(bench_data, "_download", lambda spec, options, revision: raw)
