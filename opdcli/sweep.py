@@ -11,13 +11,17 @@ trained on, with the mean and spread over seeds.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opdcli.config import TrainRunConfig, build_dataclass, load_config, read_yaml
+import yaml
+
+from opdcli.config import TrainRunConfig, build_dataclass, load_config, read_yaml, to_dict
 from opdcli.errors import ConfigError
 from opdcli.tracking import read_metrics
 
@@ -88,7 +92,28 @@ def online_keys(steps: list[dict[str, float]]) -> set[str]:
     return {k for r in steps for k in r if k.endswith("/online_teacher_tokens")}
 
 
-def run_sweep(path: Path, argv: list[str]) -> list[dict[str, Any]]:
+ROW_FILE = "sweep_row.json"
+
+
+def finished_row(cfg: TrainRunConfig) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly this config in its out_dir, else None.
+
+    A run counts as finished when it wrote its sweep row after the final evaluation and its
+    saved config.yaml equals `cfg` (any change of method, option, seed or budget reruns it).
+    """
+    run_dir = Path(cfg.run.out_dir)
+    row_file, saved = run_dir / ROW_FILE, run_dir / "config.yaml"
+    if not (row_file.is_file() and saved.is_file()):
+        return None
+    try:
+        same = yaml.safe_load(saved.read_text(encoding="utf-8")) == to_dict(cfg)
+        return json.loads(row_file.read_text(encoding="utf-8")) if same else None
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def run_sweep(path: Path, argv: list[str], *, skip_done: bool = False,
+              echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     from opdcli.train import run_train
 
     sweep = load_sweep(path)
@@ -100,10 +125,19 @@ def run_sweep(path: Path, argv: list[str]) -> list[dict[str, Any]]:
             plans.append((method, seed, cfg, explicit))
     rows = []
     for method, seed, cfg, explicit in plans:
+        row = {"method": method.label or method.name, "seed": seed}
+        done = finished_row(cfg) if skip_done else None
+        if done is not None:
+            if echo is not None:
+                echo(f"{row['method']} seed {seed}: finished in {cfg.run.out_dir}, reused (--skip-done)")
+            rows.append(row | done)
+            continue
+        (Path(cfg.run.out_dir) / ROW_FILE).unlink(missing_ok=True)  # a rerun must not leave a stale row
         start = time.perf_counter()
         result = run_train(cfg, explicit, argv=argv)
-        row = {"method": method.label or method.name, "seed": seed}
-        rows.append(row | summarize_run(Path(result.run_dir), time.perf_counter() - start))
+        summary = summarize_run(Path(result.run_dir), time.perf_counter() - start)
+        (Path(result.run_dir) / ROW_FILE).write_text(json.dumps(summary) + "\n", encoding="utf-8")
+        rows.append(row | summary)
     write_table(rows, Path(sweep.out_dir))
     return rows
 

@@ -30,6 +30,17 @@ methods:
     for name in ("sweep.csv", "sweep.md", "sweep.png", "sweep_runs.csv"):
         assert (tmp_path / "out" / name).is_file()
     assert "| prefix | 2 |" in (tmp_path / "out" / "sweep.md").read_text()
+    # --skip-done reuses every finished run whose config is unchanged and reruns the changed one
+    first = {(r["method"], r["seed"]): r for r in rows}
+    f.write_text(f.read_text().replace("options: {length: 5}", "options: {length: 4}"))
+    seen = []
+    again = run_sweep(f, ["test"], skip_done=True, echo=seen.append)
+    assert len(seen) == 2 and all("opd seed" in s and "reused" in s for s in seen)
+    for r in again:
+        if r["method"] == "opd":
+            assert r == first[("opd", r["seed"])]
+        else:
+            assert r["tokens_generated"] <= 16 and r["wall_s"] != first[("prefix", r["seed"])]["wall_s"]
 
 
 @pytest.mark.parametrize(("body", "match"), [
