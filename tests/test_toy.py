@@ -68,3 +68,21 @@ def test_tokenizer_round_trip_and_chat_template(toy_tokenizer):
 ])
 def test_grader(response, answer, ok):
     assert grade(response, answer) is ok
+
+
+def test_shipped_long_pair_leaves_room_to_learn(toy_tokenizer):
+    """teacher-long solves the long task; student-long is weak but not hopeless (about 16%)."""
+    import torch
+
+    from opdcli.config import DataConfig, ToyTaskConfig
+    from opdcli.data import heldout_prompts
+    from opdcli.heldout import heldout_accuracy
+    from opdcli.models import load_model
+
+    prompts = heldout_prompts(DataConfig(toy=ToyTaskConfig(n_ops=8, max_operand=20, ops="+-")), 32)
+    acc = {}
+    for name in ("teacher-long", "student-long"):
+        model = load_model(f"toy:{name}", torch.device("cpu"), torch.float32)
+        acc[name] = heldout_accuracy(model, toy_tokenizer, prompts, 160, 32)["eval/heldout/accuracy"]
+    assert acc["teacher-long"] >= 0.9
+    assert 0.0 < acc["student-long"] <= 0.4

@@ -60,11 +60,12 @@ TOY_SPECS = {
 # The long-horizon variant: 8 chained additions / subtractions, answers of about 100 tokens.
 LONG_TASK = ToyTaskConfig(n_ops=8, max_operand=20, ops="+-")
 TOY_SPECS |= {
-    "teacher-long": ToyModelSpec("teacher-long", hidden=128, layers=3, steps=300, schedule_steps=300,
-                                 lr=1e-3, warmup=10, init_from="teacher", task=LONG_TASK,
+    "teacher-long": ToyModelSpec("teacher-long", hidden=128, layers=3, steps=1500, schedule_steps=1500,
+                                 lr=2e-3, warmup=20, init_from="teacher", task=LONG_TASK,
                                  prompts_per_step=32, max_new_tokens=160),
-    "student-long": ToyModelSpec("student-long", hidden=96, layers=2, steps=60, schedule_steps=300,
-                                 lr=1e-3, warmup=10, init_from="student", task=LONG_TASK,
+    # step 250 of a 600-step schedule: about 16%, mid-schedule so that OPD can still move it
+    "student-long": ToyModelSpec("student-long", hidden=96, layers=2, steps=250, schedule_steps=600,
+                                 lr=2e-3, warmup=20, init_from="student", task=LONG_TASK,
                                  prompts_per_step=32, max_new_tokens=160),
 }
 
