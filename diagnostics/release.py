@@ -14,7 +14,9 @@ Per record (methods.md §3.3, §3.5 Figs. 3 and 6):
 
 Reported: the histogram of the BIC gain BIC_0 - min_tau BIC_1(tau), the acceptance rate, the
 relative release position cut / T of accepted records, the kept-token fraction, and one
-example rollout (the first accepted record) with its margin series and change point.
+example rollout (the first accepted record) with its margin series and change point, and a
+calibration curve: the acceptance rate and kept-token fraction if g_min were each of G_GRID (the
+best split and its direction do not depend on g_min; computed records only).
 """
 
 from __future__ import annotations
@@ -40,9 +42,13 @@ DESCRIPTION = (
     "Records written by the release method reuse their method.trajectory outputs. Segments "
     "come from the regex sentence splitter on response_text, with tokens placed at characters "
     "in proportion to their index (no tokenizer is needed). Reported: BIC-gain histogram, "
-    "acceptance rate, relative release position, kept-token fraction and one example rollout.")
+    "acceptance rate, relative release position, kept-token fraction, one example rollout and the "
+    "acceptance / kept fraction as a function of g_min (release_calibration.csv).")
 G_MIN = 10.0
-_COLUMNS = ("file", "offset", "step", "tokens", "segments", "gain", "accepted", "cut", "source")
+_COLUMNS = ("file", "offset", "step", "tokens", "segments", "gain", "accepted", "cut", "source", "downward",
+            "split_cut")
+G_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+"""Thresholds of the calibration curve (acceptance and kept tokens if g_min were each value)."""
 _NEEDED = ("release_segment", "bic_improvement", "accepted")
 
 
@@ -106,21 +112,25 @@ class ReleaseAnalysis:
                 cut = int(traj["cut_token"]) if traj.get("cut_token") is not None else \
                     int(starts[tau]) if tau < starts.size else n
             n_seg = int(traj.get("n_segments") or starts.size)
-            source = 1.0
+            source, downward, split_cut = 1.0, float("nan"), float("nan")  # only known at the run's g_min
             if margin is None and isinstance(rec.token_outputs.get("margin"), list):
                 margin = np.asarray(rec.token_outputs["margin"], dtype=np.float64)
         elif margin is not None:
             starts = token_segments(rec.response_text, n)
-            cp = profiled_rss_bic(segment_means(margin, starts))
-            gain, accepted = float(cp.bic_improvement), bool(cp.accepted)
-            cut = int(starts[cp.release_segment]) if accepted else n
+            # g_min = -inf: `accepted` is then "a downward split exists", kept for the calibration curve
+            cp = profiled_rss_bic(segment_means(margin, starts), g_min=-np.inf)
+            gain, downward = float(cp.bic_improvement), bool(cp.accepted)
+            split_cut = int(starts[cp.release_segment]) if downward else n
+            accepted = downward and gain > G_MIN
+            cut = split_cut if accepted else n
             n_seg, source = int(starts.size), 0.0
         else:
             self.without += 1
             return
         cut = min(max(cut, 0), n)
         for name, value in zip(_COLUMNS, (rec.key[0], rec.key[1], rec.step, n, n_seg, gain,
-                                          float(accepted), cut, source), strict=True):
+                                          float(accepted), cut, source, float(downward), float(split_cut)),
+                               strict=True):
             self.cols[name].append(value)
         if margin is not None and margin.size == n:
             self._offer(Example(rec.key, margin, starts, segment_means(margin, starts), cut, gain, accepted))
@@ -183,7 +193,12 @@ class ReleaseAnalysis:
             row["source"] = "method" if row["source"] else "computed"
             row["rel_position"] = row["cut"] / row["tokens"] if row["tokens"] else float("nan")
         sec.files.append(write_csv(out / "release_records.csv", rows, [*_COLUMNS, "rel_position"]))
-        sec.files += self._plot(out, c)
+        curve = calibration(c)
+        if curve:
+            sec.files.append(write_csv(out / "release_calibration.csv", curve))
+            sec.notes.append("release_calibration.csv: acceptance rate and kept-token fraction if g_min "
+                             f"were each of {', '.join(f'{g:g}' for g in G_GRID)} (computed records only)")
+        sec.files += self._plot(out, c, curve)
         head = self._headline(c)
         sec.headline = head
         sec.rows = [
@@ -196,22 +211,48 @@ class ReleaseAnalysis:
         ]
         return sec
 
-    def _plot(self, out: Path, c: dict[str, np.ndarray]) -> list[str]:
+    def _plot(self, out: Path, c: dict[str, np.ndarray], curve: list[dict[str, float]]) -> list[str]:
         from diagnostics import plots
 
         acc = c["accepted"] > 0
         files = ["release.png"]
-        with plots.figure(out / "release.png", 3, "Release rule", cols=3) as (a, b, d):
+        with plots.figure(out / "release.png", 4, "Release rule", cols=2) as (a, b, d, e):
             plots.hist(a, c["gain"], xlabel="BIC_0 - min BIC_1", title="BIC gain", vline=G_MIN)
             plots.hist(b, c["cut"][acc] / np.maximum(c["tokens"][acc], 1), bins=np.linspace(0, 1, 21),
                        xlabel="cut / T", title=f"release position (accepted, {acc.mean():.0%})")
             plots.hist(d, c["cut"] / np.maximum(c["tokens"], 1), bins=np.linspace(0, 1, 21),
                        xlabel="kept fraction", title="kept fraction per record")
+            if curve:
+                plots.lines(e, [r["g_min"] for r in curve],
+                            {"acceptance rate": [r["accept_rate"] for r in curve],
+                             "kept-token fraction": [r["kept_fraction"] for r in curve]},
+                            xlabel="g_min", ylabel="fraction", title="calibration (computed records)")
+            else:
+                e.set_axis_off()
         ex = self.example or self.fallback
         if ex is not None:
             files.append("release_example.png")
             _plot_example(out / "release_example.png", ex)
         return files
+
+
+def calibration(c: dict[str, np.ndarray]) -> list[dict[str, float]]:
+    """Acceptance rate and kept-token fraction at each g_min of G_GRID over the computed records.
+
+    The best split and its direction do not depend on g_min, so one pass serves every threshold.
+    """
+    mine = c["source"] == 0
+    if not mine.any():
+        return []
+    gain, down = c["gain"][mine], c["downward"][mine] > 0
+    tokens, split_cut = c["tokens"][mine], c["split_cut"][mine]
+    rows = []
+    for g in G_GRID:
+        take = down & (gain > g)
+        kept = np.where(take, split_cut, tokens)
+        rows.append({"g_min": g, "accept_rate": float(take.mean()),
+                     "kept_fraction": ratio(float(kept.sum()), float(tokens.sum()))})
+    return rows
 
 
 def _plot_example(path: Path, ex: Example) -> None:

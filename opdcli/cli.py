@@ -210,7 +210,7 @@ def toy_build(
     steps: Annotated[int | None, typer.Option(help="Override the SFT steps (for quick checks).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and the data stream.")] = 0,
 ) -> None:
-    """Rebuild the toy models from scratch (all four: about 20 minutes on 2 CPU cores)."""
+    """Rebuild the toy models from scratch (all four: about 30 minutes on 2 CPU cores)."""
     try:
         import time
 

@@ -86,6 +86,12 @@ def test_planted_margin_drop_is_released_near_the_plant(planted):
     assert 0.5 < m["kept-token fraction"] < 0.7
     assert summary["analyses"]["release"]["example"]["accepted"] is True
     assert (out / "release_example.png").is_file()
+    curve = list(csv.DictReader((out / "release_calibration.csv").open()))
+    accept = {float(r["g_min"]): float(r["accept_rate"]) for r in curve}
+    kept = [float(r["kept_fraction"]) for r in curve]
+    assert accept[10.0] == pytest.approx(m["acceptance rate"])  # the curve agrees with the rule at g_min 10
+    assert list(accept.values()) == sorted(accept.values(), reverse=True) and accept[0.0] >= accept[10.0]
+    assert kept == sorted(kept) and kept[-1] <= 1.0
     assert metrics(summary, "margin")["margin late / early (normalised, last bin)"] < 0.2
     table = summary["analyses"]["margin"]["table"]
     assert [r["K"] for r in table] == [2, 4, 8, 16]
