@@ -191,12 +191,15 @@ def test_top_p_metric_through_the_method():
     assert math.isclose(out.metrics["method/prune/drift_rate"], 2 / 3, rel_tol=1e-6)
 
 
-def test_online_truncation_stops_drifting_rows_and_matches_offline_events(tiny_dirs, toy_tokenizer):
-    """With the student as its own teacher no row drifts; with a different teacher and a tiny
-    event budget rows stop early, and the event count matches offline scoring of the same tokens."""
+@pytest.mark.parametrize(("metric", "theta"), [("overlap_ratio", 0.7), ("teacher_top_p_accept", 0.5)])
+def test_online_truncation_stops_drifting_rows_and_matches_offline_events(tiny_dirs, toy_tokenizer, metric, theta):
+    """With the student as its own teacher no overlap row drifts; with a different teacher and a
+    tiny event budget rows stop early, and the event count matches offline scoring of the same
+    tokens, for both drift metrics."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from opdcli.methods.prune import top_p_accept_events
     from opdcli.methods.prune_online import online_stop_factory
     from opdcli.rollout.hf import SamplingParams, sample
     from opdcli.scoring import score_rollouts
@@ -207,15 +210,20 @@ def test_online_truncation_stops_drifting_rows_and_matches_offline_events(tiny_d
     texts = ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n"] * 3
     params = SamplingParams(n=1, max_new_tokens=24)
     stats: list = []
-    sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0),
-                  stop=online_stop_factory(s, k=4, theta=0.7, w_drop=0.5, chunk=3, stats=stats))
-    assert not stats[0].stopped_B.any()
-    stats = []
+    if metric == "overlap_ratio":  # (a sampled token can fall outside even the student's own nucleus)
+        sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0),
+               stop=online_stop_factory(s, k=4, theta=theta, w_drop=0.5, chunk=3, stats=stats, metric=metric))
+        assert not stats[0].stopped_B.any()
+        stats = []
     cut = sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0),
-                 stop=online_stop_factory(t, k=4, theta=0.7, w_drop=0.5, chunk=3, stats=stats))
+                 stop=online_stop_factory(t, k=4, theta=theta, w_drop=0.5, chunk=3, stats=stats, metric=metric))
     full = sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0))
     sc = score_rollouts(s, t, full, k=4, chunk_tokens=8, batch_size=8, version=0)
-    events = (topk_overlap(sc.student_topk_ids_B_T_K, sc.teacher_topk_ids_B_T_K) < 0.7) & (sc.mask_B_T > 0)
+    if metric == "overlap_ratio":
+        drift = topk_overlap(sc.student_topk_ids_B_T_K, sc.teacher_topk_ids_B_T_K) < theta
+    else:
+        drift = top_p_accept_events(sc.response_ids_B_T, sc.teacher_topk_ids_B_T_K, sc.teacher_topk_lp_B_T_K, theta)
+    events = drift & (sc.mask_B_T > 0)
     cum = events.long().cumsum(-1)
     for b in range(3):
         n_cut = int(cut.response_mask_B_T[b].sum())

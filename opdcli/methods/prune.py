@@ -77,7 +77,7 @@ class PruneConfig:
     """A token counts towards L_eff while its reliability exceeds this."""
     online: bool = False
     """Online truncation: stop sampling a sequence once its reliability reaches 0 (the teacher
-    scores during generation, in chunks of online_chunk tokens). Needs metric overlap_ratio."""
+    scores during generation, in chunks of online_chunk tokens), with either drift metric."""
     online_chunk: int = 16
     """Tokens per teacher scoring chunk during online truncation (the stop lag)."""
 
@@ -181,9 +181,6 @@ class PruneOPD(Method):
     def __init__(self, cfg: PruneConfig, loss) -> None:
         super().__init__(cfg, loss)
         _check_config(cfg)
-        if cfg.online and cfg.metric != "overlap_ratio":
-            raise ConfigError("method.options.online needs metric overlap_ratio (the top-p test needs "
-                              "the teacher's sorted top-K, which online scoring does not keep)")
         if cfg.online and cfg.w_drop <= 0:
             raise ConfigError("method.options.online cannot take effect with w_drop 0: reliability never "
                               "reaches 0; raise w_drop or set online: false")
@@ -200,7 +197,7 @@ class PruneOPD(Method):
 
         self._online = []
         return online_stop_factory(teacher, k=self.cfg.k, theta=self.cfg.theta, w_drop=self.cfg.w_drop,
-                                   chunk=self.cfg.online_chunk, stats=self._online)
+                                   chunk=self.cfg.online_chunk, stats=self._online, metric=self.cfg.metric)
 
     def _ensure_budget(self, default: int) -> PruneBudget:
         if self._budget is None:
