@@ -6,8 +6,10 @@ log-probs); a drift event is o_t < 0.7. Per record the reliability
 w_t = clip(1 - 0.01 * (number of events up to t), 0, 1) and the effective reliable length
 L_eff = |{t : w_t > 1e-8}| (the authors' script values θ = 0.7, δ = 0.01).
 
-Reported: mean overlap and drift-event rate by relative and absolute position, and the
-distribution of L_eff (and of L_eff / T) over records.
+Reported: mean overlap and drift-event rate by relative and absolute position, the top-1
+agreement (the student's and the teacher's most likely token are the same) by relative position,
+and the distribution of L_eff (and of L_eff / T) over records. On a small vocabulary the tail of a
+top-16 set is noise and only the top-1 agreement moves; compare the two before choosing K.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ DESCRIPTION = (
 _COLUMNS = ("file", "offset", "step", "tokens", "events", "eff_len")
 
 
+def top1_agreement(rec: Rollout) -> np.ndarray:
+    """1 where the student's and the teacher's most likely tokens are the same, (T,) float."""
+    s = student_candidates(rec, rec.student_topk_ids, 1)[:, 0]
+    t = np.take_along_axis(rec.teacher_topk_ids, np.argmax(rec.teacher_topk_lp, axis=1)[:, None], axis=1)[:, 0]
+    return (s == t).astype(np.float64)
+
+
 def overlap(rec: Rollout, k: int) -> np.ndarray:
     """o_t over the two top-k id sets, (T,)."""
     s = student_candidates(rec, rec.student_topk_ids, k)
@@ -51,9 +60,10 @@ class _Step:
     events_rel: BinMoments = field(default_factory=BinMoments)
     overlap_abs: BinMoments = field(default_factory=BinMoments)
     events_abs: BinMoments = field(default_factory=BinMoments)
+    top1_rel: BinMoments = field(default_factory=BinMoments)
 
     def merge(self, other: _Step) -> None:
-        for name in ("overlap_rel", "events_rel", "overlap_abs", "events_abs"):
+        for name in ("overlap_rel", "events_rel", "overlap_abs", "events_abs", "top1_rel"):
             getattr(self, name).merge(getattr(other, name))
 
 
@@ -81,6 +91,7 @@ class PruneAnalysis:
         st.events_rel.add(pos["rel"], events, pos["rel_n"])
         st.overlap_abs.add(pos["abs"], o, pos["abs_n"])
         st.events_abs.add(pos["abs"], events, pos["abs_n"])
+        st.top1_rel.add(pos["rel"], top1_agreement(rec), pos["rel_n"])
         for name, value in zip(_COLUMNS, (*rec.key, rec.step, rec.n_tokens, events.sum(),
                                           np.count_nonzero(w > 1e-8)), strict=True):
             self.cols[name].append(float(value))
@@ -98,6 +109,7 @@ class PruneAnalysis:
             total.merge(self.steps[step])
         total.overlap_rel.ensure(self.opts.bins)
         total.events_rel.ensure(self.opts.bins)
+        total.top1_rel.ensure(self.opts.bins)
         return total
 
     def _columns(self, step: int | None = None) -> dict[str, np.ndarray]:
@@ -113,6 +125,8 @@ class PruneAnalysis:
             "overlap_mean": ratio(float(o.s1.sum()), tokens),
             "overlap_early": float(om[0]),
             "overlap_late": float(om[-1]),
+            "top1_early": float(st.top1_rel.mean()[0]),
+            "top1_late": float(st.top1_rel.mean()[-1]),
             "drift_rate": ratio(float(e.s1.sum()), tokens),
             "eff_len_mean": float(c["eff_len"].mean()) if frac.size else float("nan"),
             "eff_len_frac_mean": float(frac.mean()) if frac.size else float("nan"),
@@ -133,9 +147,10 @@ class PruneAnalysis:
             sec.notes.append(f"{self.without} records without top-K ids left out")
         bins, w = self.opts.bins, self.opts.abs_bin
         rel = [{"bin": b, "rel_lo": b / bins, "rel_hi": (b + 1) / bins, "tokens": int(n),
-                "overlap_mean": om, "drift_rate": er}
-               for b, (n, om, er) in enumerate(zip(total.overlap_rel.count, total.overlap_rel.mean(),
-                                                   total.events_rel.mean(), strict=True))]
+                "overlap_mean": om, "drift_rate": er, "top1_agreement": a1}
+               for b, (n, om, er, a1) in enumerate(zip(total.overlap_rel.count, total.overlap_rel.mean(),
+                                                       total.events_rel.mean(), total.top1_rel.mean(),
+                                                       strict=True))]
         absolute = [{"bin": b, "pos_lo": b * w, "pos_hi": (b + 1) * w, "tokens": int(n),
                      "overlap_mean": om, "drift_rate": er}
                     for b, (n, om, er) in enumerate(zip(total.overlap_abs.count, total.overlap_abs.mean(),
@@ -153,6 +168,7 @@ class PruneAnalysis:
             ("top-K overlap, mean", head["overlap_mean"]),
             ("top-K overlap, first / last relative bin",
              f"{head['overlap_early']:.4g} / {head['overlap_late']:.4g}"),
+            ("top-1 agreement, first / last relative bin", f"{head['top1_early']:.4g} / {head['top1_late']:.4g}"),
             ("drift-event rate (overlap < 0.7)", head["drift_rate"]),
             ("effective reliable length, mean (tokens)", head["eff_len_mean"]),
             ("effective reliable length / T, mean", head["eff_len_frac_mean"]),
@@ -167,8 +183,9 @@ class PruneAnalysis:
         seen = total.overlap_abs.count > 0
         xa = ((np.arange(seen.size) + 0.5) * self.opts.abs_bin)[seen]
         with plots.figure(out / "prune.png", 4, "Prune-OPD signals") as (a, b, d, e):
-            plots.lines(a, x, {"overlap": total.overlap_rel.mean()}, xlabel="relative position",
-                        ylabel="top-K overlap", title="overlap by position", ref=self.opts.drift_theta)
+            plots.lines(a, x, {"top-K overlap": total.overlap_rel.mean(), "top-1 agreement": total.top1_rel.mean()},
+                        xlabel="relative position", ylabel="fraction", title="overlap by position",
+                        ref=self.opts.drift_theta)
             plots.lines(b, x, {"relative bins": total.events_rel.mean()}, xlabel="relative position",
                         ylabel="drift-event rate", title="drift events (overlap < 0.7)")
             plots.lines(d, xa, {f"{self.opts.abs_bin}-token bins": total.events_abs.mean()[seen]},

@@ -104,6 +104,8 @@ def test_planted_overlap_drop(planted):
     assert float(position[0]["overlap_mean"]) == pytest.approx(15 / 16)
     assert float(position[-1]["overlap_mean"]) == pytest.approx(0.5)
     assert float(position[0]["drift_rate"]) == 0.0 and float(position[-1]["drift_rate"]) == 1.0
+    # the planted teacher keeps the student's top-1 as its own top-1 throughout
+    assert float(position[0]["top1_agreement"]) == 1.0 and float(position[-1]["top1_agreement"]) == 1.0
     m = metrics(summary, "prune")
     # 160 tokens: 64 drift events leave w > 0 everywhere; 400 tokens: w hits 0 after 100 events
     assert m["records with L_eff < T"] == pytest.approx(1 / 3)
@@ -318,3 +320,17 @@ def test_empty_responses_and_mixed_topk(tmp_path):
     margin = summary["analyses"]["margin"]
     assert [r["K"] for r in margin["table"]] == [2, 4, 8, 16, 32, 64]
     assert "2 records without teacher_lp_on_student_topk" in margin["notes"][0]
+
+
+def test_top1_agreement_follows_the_teachers_own_favourite(tmp_path):
+    """The teacher's top-1 is the argmax of its own log-probs, wherever it sits in the stored row."""
+    rng = np.random.default_rng(4)
+    with RolloutWriter(tmp_path / "r.jsonl") as writer:
+        for i in range(8):
+            rec = synthetic_record(rng, i, 40, 4)
+            for row in rec["teacher_topk_lp"][20:]:  # late half: the teacher prefers column 3 (id + 1000)
+                row[0], row[3] = row[3], row[0]
+            writer.write(rec)
+    diagnose(str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "d"), "--bins", "2")
+    position = rows(tmp_path / "d" / "prune_position.csv")
+    assert [float(r["top1_agreement"]) for r in position] == [1.0, 0.0]
