@@ -99,12 +99,13 @@ def distill(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def sweep(
     config: Annotated[Path, typer.Option("--config", "-c", help="Sweep YAML (e.g. configs/toy/ablation.yaml).")],
     skip_done: Annotated[bool, typer.Option("--skip-done", help="Reuse runs that finished with exactly the planned config (add seeds or methods without retraining the rest).")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key in every run, after the sweep's own set (a method's own set still wins): --set run.device=cuda (repeatable).")] = None,
 ) -> None:
     """Train several methods from the same student, seed and budget; write a comparison table."""
     try:
         from opdcli.sweep import run_sweep
 
-        rows = run_sweep(config, sys.argv, skip_done=skip_done, echo=typer.echo)
+        rows = run_sweep(config, sys.argv, skip_done=skip_done, extra=set_, echo=typer.echo)
         from opdcli.sweep import aggregate
 
         for row in aggregate(rows):

@@ -112,11 +112,24 @@ def finished_row(cfg: TrainRunConfig) -> dict[str, Any] | None:
         return None
 
 
-def run_sweep(path: Path, argv: list[str], *, skip_done: bool = False,
+RESERVED = ("run.out_dir", "run.seed", "run.overwrite", "method.")
+"""Keys the sweep sets per run; a command-line --set of them would collide across runs."""
+
+
+def run_sweep(path: Path, argv: list[str], *, skip_done: bool = False, extra: list[str] | None = None,
               echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Train every (method, seed) of the sweep file; `extra` are --set overrides for every run."""
     from opdcli.train import run_train
 
     sweep = load_sweep(path)
+    for item in extra or []:
+        key = item.split("=", 1)[0].strip()
+        if any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESERVED):
+            raise ConfigError(f"--set {key} cannot apply to a sweep: the sweep sets it per run; change "
+                              "out_dir, seeds or methods in the sweep file instead")
+    if extra:
+        sweep = SweepConfig(base=sweep.base, out_dir=sweep.out_dir, seeds=sweep.seeds,
+                            set=[*sweep.set, *extra], methods=sweep.methods)
     # validate every run's config before the first one trains
     plans = []
     for method in sweep.methods:

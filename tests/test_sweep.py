@@ -53,3 +53,24 @@ def test_bad_sweep_files(tmp_path, body, match):
     f.write_text(body)
     with pytest.raises(ConfigError, match=match):
         load_sweep(f)
+
+
+def test_command_line_set_applies_to_every_run_and_refuses_per_run_keys(tmp_path):
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from opdcli.cli import app
+
+    f = tmp_path / "s.yaml"
+    f.write_text(f"base: {Path('configs/toy/opd.yaml').resolve()}\nout_dir: {tmp_path / 'out'}\nseeds: [0]\n"
+                 "set: [train.max_steps=3, eval.size=4, rollout.prompts_per_step=2, train.rollouts_every=0]\n"
+                 "methods: [opd]\n")
+    run_sweep(f, ["test"], extra=["train.max_steps=1"])
+    lines = [json.loads(x) for x in (tmp_path / "out" / "opd-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["progress/step"] for r in lines if "loss/total" in r] == [1]
+    for key in ("run.out_dir=x", "run.seed=3", "method.name=prune", "method.options.theta=0.5"):
+        result = CliRunner().invoke(app, ["sweep", "--config", str(f), "--set", key])
+        assert result.exit_code == 2 and "cannot apply to a sweep" in result.output
+        assert "Traceback" not in result.output
