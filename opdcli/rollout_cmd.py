@@ -139,6 +139,7 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     _check_out(out, overwrite)
     setup_process(cfg.run)
     method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
+    method.check_scoring(cfg.scoring.top_k)
     prompts = _prompts(cfg)  # data errors surface before models load
     pair = load_pair(cfg.model.student, cfg.model.teacher, cfg.run.device, cfg.run.dtype,
                      trust_remote_code=cfg.model.trust_remote_code,

@@ -11,6 +11,7 @@ trained on, with the mean and spread over seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -128,8 +129,7 @@ def run_sweep(path: Path, argv: list[str], *, skip_done: bool = False, extra: li
             raise ConfigError(f"--set {key} cannot apply to a sweep: the sweep sets it per run; change "
                               "out_dir, seeds or methods in the sweep file instead")
     if extra:
-        sweep = SweepConfig(base=sweep.base, out_dir=sweep.out_dir, seeds=sweep.seeds,
-                            set=[*sweep.set, *extra], methods=sweep.methods)
+        sweep = dataclasses.replace(sweep, set=[*sweep.set, *extra])
     # validate every run's config before the first one trains
     plans = []
     for method in sweep.methods:

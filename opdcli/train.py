@@ -128,6 +128,7 @@ def run_train(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | None = 
     validate_train_config(cfg, explicit)
     setup_process(cfg.run)
     method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
+    method.check_scoring(cfg.scoring.top_k)
     source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
     heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
     pair = load_pair(cfg.model.student, cfg.model.teacher, cfg.run.device, cfg.run.dtype,

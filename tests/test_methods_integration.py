@@ -52,3 +52,18 @@ def test_method_trains_two_steps(name, tmp_path):
         assert {"release_segment", "bic_improvement", "accepted", "cut_token"} <= set(records[0].method["trajectory"])
     if name == "prune":
         assert {"overlap", "drift", "reliability"} <= set(records[0].method["token"])
+
+
+@pytest.mark.parametrize("name", ["prune", "release", "topd"])
+def test_method_topk_beyond_scoring_is_refused_before_models_load(name, tmp_path):
+    from opdcli.errors import ConfigError
+    from opdcli.train import run_train
+
+    overrides = [f"run.out_dir={tmp_path}", f"method.name={name}", "method.options.k=32", "scoring.top_k=16",
+                 "model.student=/nonexistent/model"]  # a model load would fail with another message
+    if name == "topd":
+        overrides.append("loss.objective=sampled")
+    cfg, explicit = C.load_config(C.TrainRunConfig, None, overrides)
+    with pytest.raises(ConfigError, match="method.options.k is 32 but only 16"):
+        run_train(cfg, explicit, argv=["test"])
+    assert not (tmp_path / "metrics.jsonl").exists()

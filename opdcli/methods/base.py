@@ -52,6 +52,12 @@ class Method:
     def apply(self, scored: ScoredBatch, advantages_B_T: torch.Tensor, step: int) -> MethodOutput:
         raise NotImplementedError
 
+    def check_scoring(self, top_k: int) -> None:
+        """Refuse, before any model loads, a method top-K larger than scoring keeps."""
+        k = getattr(self.cfg, "k", None)
+        if isinstance(k, int):
+            require_topk(k, top_k)
+
     def max_new_tokens(self, default: int, step: int) -> int:
         """Generation budget of step `step`'s rollout (methods that control generation override)."""
         del step
@@ -79,6 +85,13 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+
+
+def require_topk(k: int, stored: int, what: str = "top-K") -> None:
+    """A method's top-K test needs at least k scored candidates per token."""
+    if stored < k:
+        raise ConfigError(f"method.options.k is {k} but only {stored} {what} entries are scored; "
+                          f"set scoring.top_k >= {k} or lower method.options.k")
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 
 from opdcli.errors import ConfigError
-from opdcli.methods.base import Method, MethodOutput, register
+from opdcli.methods.base import Method, MethodOutput, register, require_topk
 from opdcli.scoring import ScoredBatch
 from opdcli.signals import masked_mean, topk_overlap
 
@@ -219,9 +219,7 @@ class PruneOPD(Method):
         """Drift events (bool) and the overlap ratio, both (B, T)."""
         k = self.cfg.k
         stored = min(scored.student_topk_ids_B_T_K.shape[-1], scored.teacher_topk_ids_B_T_K.shape[-1])
-        if stored < k:
-            raise ConfigError(f"method.options.k is {k} but only {stored} top-K entries were scored; "
-                              f"set scoring.top_k >= {k} or lower method.options.k")
+        require_topk(k, stored)
         overlap_B_T = overlap_ratio(scored.student_topk_ids_B_T_K[..., :k],
                                     scored.teacher_topk_ids_B_T_K[..., :k])
         if self.cfg.metric == "overlap_ratio":

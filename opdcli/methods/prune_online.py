@@ -44,7 +44,8 @@ class OnlineTruncation:
     def __call__(self, t: int, tok_B: torch.Tensor, valid_B: torch.Tensor, logits_B_V: torch.Tensor) -> torch.Tensor:
         self.tokens.append(tok_B)
         self.valid.append(valid_B)
-        self.student_topk.append(logits_B_V.topk(self.k, dim=-1).indices)
+        if self.metric == "overlap_ratio":  # the top-p test needs only the sampled token
+            self.student_topk.append(logits_B_V.topk(self.k, dim=-1).indices)
         if len(self.tokens) < self.chunk or self.limit is None:
             return torch.zeros_like(valid_B)
         return self.flush()
@@ -54,8 +55,7 @@ class OnlineTruncation:
         """Score the pending chunk with the teacher; return the rows to stop now."""
         tok_B_C = torch.stack(self.tokens, 1)
         valid_B_C = torch.stack(self.valid, 1)
-        s_ids_B_C_K = torch.stack(self.student_topk, 1)
-        self.tokens, self.valid, self.student_topk = [], [], []
+        self.tokens, self.valid = [], []
         self.am = torch.cat([self.am, valid_B_C.to(self.am.dtype)], dim=1)
         C = tok_B_C.shape[1]
         pos = (self.am.cumsum(-1) - 1).clamp(min=0)[:, -C:]
@@ -65,6 +65,8 @@ class OnlineTruncation:
         logits_B_C_V = torch.cat([self.next_logits_B_V[:, None], out.logits[:, :-1]], dim=1)
         self.past, self.next_logits_B_V = out.past_key_values, out.logits[:, -1]
         if self.metric == "overlap_ratio":
+            s_ids_B_C_K = torch.stack(self.student_topk, 1)
+            self.student_topk = []
             t_ids_B_C_K = logits_B_C_V.topk(self.k, dim=-1).indices
             drift_B_C = topk_overlap(s_ids_B_C_K, t_ids_B_C_K) < self.theta
         else:

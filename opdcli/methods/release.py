@@ -30,7 +30,7 @@ import torch
 
 from opdcli.changepoint import ChangePoint, profiled_rss_bic
 from opdcli.errors import ConfigError
-from opdcli.methods.base import Method, MethodOutput, register
+from opdcli.methods.base import Method, MethodOutput, register, require_topk
 from opdcli.scoring import ScoredBatch
 from opdcli.segments import segment_response
 
@@ -125,9 +125,7 @@ class ReleaseRule(Method):
     def _margin(self, scored: ScoredBatch) -> torch.Tensor:
         k = self.cfg.k
         stored = scored.teacher_lp_on_student_topk_B_T_K.shape[-1]
-        if stored < k:
-            raise ConfigError(f"method.options.k is {k} but only {stored} student top-K entries were "
-                              f"scored; set scoring.top_k >= {k} or lower method.options.k")
+        require_topk(k, stored, "student top-K")
         return teacher_margin(scored.teacher_lp_on_student_topk_B_T_K, k, self.cfg.margin_space)
 
     def _release_row(self, ids: list[int], margin_T: list[float]) -> tuple[ChangePoint, int, int]:

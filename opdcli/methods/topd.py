@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 
 from opdcli.errors import ConfigError
-from opdcli.methods.base import Method, MethodOutput, register
+from opdcli.methods.base import Method, MethodOutput, register, require_topk
 from opdcli.scoring import ScoredBatch
 
 
@@ -158,9 +158,7 @@ class TOPD(Method):
     def _divergence(self, scored: ScoredBatch) -> torch.Tensor:
         k = self.cfg.k
         stored = scored.student_topk_ids_B_T_K.shape[-1]
-        if stored < k:
-            raise ConfigError(f"method.options.k is {k} but only {stored} top-K entries were scored; "
-                              f"set scoring.top_k >= {k} or lower method.options.k")
+        require_topk(k, stored)
         return topk_union_rkl(scored.student_topk_ids_B_T_K[..., :k], scored.student_topk_lp_B_T_K[..., :k],
                               scored.teacher_topk_ids_B_T_K[..., :k], scored.teacher_topk_lp_B_T_K[..., :k],
                               scored.teacher_lp_on_student_topk_B_T_K[..., :k])
