@@ -298,15 +298,15 @@ def parse_line(raw: bytes, key: tuple[int, int], where: Callable[[], str], *, fi
 def decode_line(raw: bytes, where: str, *, first: bool,
                 on_partial: Callable[[str], None] | None) -> Any:
     """json.loads with read_raw's messages; None when an unterminated tail was skipped."""
-    from opdcli.records import _is_truncation, _partial_message  # read_raw's own rules
+    from opdcli.records import is_truncation, partial_message  # read_raw's own rules
 
     terminated = raw.endswith(b"\n")
-    cut_off = not terminated and on_partial is not None and _is_truncation(raw)
+    cut_off = not terminated and on_partial is not None and is_truncation(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         if cut_off:
-            on_partial(_partial_message(where, raw))
+            on_partial(partial_message(where, raw))
             return None
         raise RecordError(f"{where}: file is not UTF-8 text (undecodable byte at column "
                           f"{exc.start + 1}); rollouts files are JSON lines") from None
@@ -316,7 +316,7 @@ def decode_line(raw: bytes, where: str, *, first: bool,
         return json.loads(text)
     except ValueError as exc:
         if cut_off:
-            on_partial(_partial_message(where, raw))
+            on_partial(partial_message(where, raw))
             return None
         detail = getattr(exc, "msg", str(exc))
         col = getattr(exc, "colno", None)

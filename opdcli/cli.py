@@ -39,6 +39,10 @@ def _load(cls, config: Path | None, default: str, overrides: list[str]):
 
 
 def _summary(title: str, result) -> None:
+    from opdcli.dist import from_env
+
+    if not from_env().is_main:  # under torchrun the main rank reports
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -71,7 +75,7 @@ def train(
                 typer.echo(f"{name:10s} {cls.summary}")
             return
         from opdcli.config import TrainRunConfig
-        from opdcli.train import run_train
+        from opdcli.loops.train import run_train
 
         overrides = list(set_ or []) + ([f"method.name={method}"] if method else [])
         cfg, explicit = _load(TrainRunConfig, config, "opd.yaml", overrides)
@@ -86,7 +90,7 @@ def distill(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Off-policy baseline: the student learns from teacher traces (SFT or forward KL)."""
     try:
         from opdcli.config import DistillRunConfig
-        from opdcli.distill import run_distill
+        from opdcli.loops.distill import run_distill
 
         cfg, explicit = _load(DistillRunConfig, config, "distill.yaml", list(set_ or []))
         result = run_distill(cfg, explicit, argv=sys.argv)
@@ -103,10 +107,10 @@ def sweep(
 ) -> None:
     """Train several methods from the same student, seed and budget; write a comparison table."""
     try:
-        from opdcli.sweep import run_sweep
+        from opdcli.loops.sweep import aggregate, run_sweep
+        from opdcli.loops.train import run_train
 
-        rows = run_sweep(config, sys.argv, skip_done=skip_done, extra=set_, echo=typer.echo)
-        from opdcli.sweep import aggregate
+        rows = run_sweep(config, sys.argv, train=run_train, skip_done=skip_done, extra=set_, echo=typer.echo)
 
         for row in aggregate(rows):
             typer.echo(f"{row['method']:14s} acc {100 * row['acc_before']:5.1f}% -> {100 * row['acc_after']:5.1f}%  "
@@ -192,7 +196,7 @@ def rollout(
     """Sample from the student and score with the teacher, without training; writes rollouts.jsonl."""
     try:
         from opdcli.config import TrainRunConfig
-        from opdcli.rollout_cmd import apply_flags, run_rollout, set_keys
+        from opdcli.loops.rollout import apply_flags, run_rollout, set_keys
 
         cfg, _ = _load(TrainRunConfig, config, "opd.yaml", list(set_ or []))
         cfg = apply_flags(cfg, student=student, teacher=teacher, prompts=prompts, n=n,
@@ -218,8 +222,8 @@ def toy_build(
         import torch
 
         from opdcli.errors import ConfigError
+        from opdcli.loops.toy_build import TOY_SPECS, build_toy_model
         from opdcli.models import TOY_WEIGHTS
-        from opdcli.toy.build import TOY_SPECS, build_toy_model
 
         names = which or list(TOY_SPECS)
         for name in names:

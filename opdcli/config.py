@@ -225,6 +225,17 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    """Data-parallel training under torchrun (ignored on one process)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend: auto is NCCL on CUDA, gloo on CPU."""
+    frozen_models: Literal["replicate", "shard"] = "replicate"
+    """Teacher and reference: a full copy per rank, or sharded with FSDP2 for their no-grad
+    forwards (less memory, an all-gather per layer)."""
+
+
+@dataclass(frozen=True)
 class DistillSpec:
     """Off-policy baseline: what the student learns from."""
 
@@ -251,6 +262,7 @@ class TrainRunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 @dataclass(frozen=True)
@@ -267,6 +279,7 @@ class DistillRunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ---------------------------------------------------------------------------- the builder

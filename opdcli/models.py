@@ -149,3 +149,21 @@ def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
     t = load_model(teacher, device, dtype, trainable=False, **kw)
     check_logit_widths(s, t, student, teacher)
     return LoadedPair(student=s, teacher=t, tokenizer=tok_s, device=device, dtype=dtype)
+
+
+def load_reference(name: str | None, pair: LoadedPair, student_name: str, *, trust_remote_code: bool = False,
+                   attn_implementation: str = "sdpa") -> Any:
+    """The frozen reference model a method asks for (G-OPD), checked against the student."""
+    if name is None:
+        return None
+    check_same_vocabulary(pair.tokenizer, load_tokenizer(name, trust_remote_code), student_name, name)
+    ref = load_model(name, pair.device, pair.dtype, trust_remote_code=trust_remote_code,
+                     attn_implementation=attn_implementation)
+    check_logit_widths(pair.student, ref, student_name, name)
+    return ref
+
+
+def load_weights(model: Any, folder: str | Path) -> None:
+    """Copy a checkpoint folder's weights into `model` (resume), before any sharding."""
+    loaded = load_model(str(folder), next(model.parameters()).device, next(model.parameters()).dtype)
+    model.load_state_dict(loaded.state_dict())

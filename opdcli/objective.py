@@ -2,51 +2,93 @@
 
 Dispatches `loss.objective` to the pure functions of `opdcli.losses`:
 sampled (Variant A), topk (B), rkl (C), fkl (D), jsd (E). The denominator is the step's
-number of trained tokens, passed in as `normalizer`, so micro-batches sum to the step's
-token-mean loss.
+number of trained tokens over all processes, passed in as `normalizer`, so micro-batches (and
+ranks) sum to the step's token-mean loss. The whole computation runs inside the student's
+`ResponseLM.forward`, so a sharded student sees every parameter use.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from opdcli import losses
 from opdcli.config import LossConfig
-from opdcli.methods.base import MethodOutput
-from opdcli.rollout.batch import RolloutBatch
-from opdcli.scoring import ScoredBatch, chunked_logit_loss, response_hidden, token_stats
+from opdcli.engines.types import RolloutBatch, ScoredBatch
+from opdcli.lm import as_response_lm, map_chunks, token_stats
 
 FULL_DISTRIBUTION = frozenset({"rkl", "fkl", "jsd"})
+"""Objectives that need the teacher's full distribution (its hidden states are kept)."""
+
+TeacherLogits = Callable[[torch.Tensor], torch.Tensor]
+"""Teacher hidden states (B, C, H) -> teacher logits (B, C, V), float32, no grad."""
 
 
-def objective_loss(student, teacher, batch: RolloutBatch, scored: ScoredBatch, out: MethodOutput,
-                   cfg: LossConfig, normalizer: float, chunk_tokens: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one micro-batch (already divided by the whole step's `normalizer`)."""
-    hidden_B_T_H = response_hidden(student, batch)
-    head = student.get_output_embeddings()
-    mask_B_T, weights_B_T = scored.mask_B_T, out.weights_B_T
-    if cfg.objective == "sampled":
-        st = token_stats(hidden_B_T_H, head, batch.response_ids_B_T, 1, chunk_tokens)
-        assert out.advantages_B_T is not None, "sampled objective needs advantages"
-        return losses.sampled_token_loss(
-            st.lp_B_T, scored.behavior_lp_B_T, out.advantages_B_T, mask_B_T, weights_B_T,
-            surrogate=cfg.surrogate, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            normalizer=normalizer)
-    if cfg.objective == "topk":
-        st = token_stats(hidden_B_T_H, head, batch.response_ids_B_T, 1, chunk_tokens,
-                         cand_ids_B_T_K=scored.student_topk_ids_B_T_K)
-        assert st.cand_lp_B_T_K is not None
-        return losses.topk_pg_loss(
-            st.cand_lp_B_T_K, scored.student_topk_lp_B_T_K, scored.teacher_lp_on_student_topk_B_T_K,
-            mask_B_T, weights_B_T, weight_mode=cfg.topk_weight, clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high, normalizer=normalizer)
-    assert scored.teacher_hidden_B_T_H is not None, "full-distribution objectives keep teacher hidden"
+def chunked_logit_loss(student_hidden_B_T_H, student_head, teacher_hidden_B_T_H, teacher_logits: TeacherLogits,
+                       loss_fn, mask_B_T, weights_B_T, normalizer, chunk_tokens: int, **loss_kwargs):
+    """Sum a full-vocabulary loss (losses.analytic_rkl_loss etc.) over position chunks.
+
+    Each chunk is normalised by the global `normalizer`, so the sum equals the loss on the
+    whole batch. Returns (loss, metrics) with metrics["loss/objective"] the summed value.
+    """
+    def chunk_loss(zs, sl):
+        with torch.no_grad():
+            zt = teacher_logits(teacher_hidden_B_T_H[:, sl])
+        w = None if weights_B_T is None else weights_B_T[:, sl]
+        return loss_fn(zs, zt, mask_B_T[:, sl], w, normalizer=normalizer, **loss_kwargs)[0]
+
+    total = student_hidden_B_T_H.new_zeros((), dtype=torch.float32)
+    for part in map_chunks(student_hidden_B_T_H, student_head, chunk_loss, chunk_tokens):
+        total = total + part
+    return total, {"loss/objective": float(total.detach())}
+
+
+def full_distribution_loss_fn(cfg: LossConfig):
+    """The pure loss function and keyword arguments of an analytic objective."""
     kwargs: dict = {"support": cfg.support, "k": cfg.support_k, "tail_bucket": cfg.tail_bucket}
     loss_fn = {"rkl": losses.analytic_rkl_loss, "fkl": losses.forward_kl_loss,
                "jsd": losses.generalized_jsd_loss}[cfg.objective]
     if cfg.objective == "jsd":
         kwargs |= {"beta": cfg.beta, "temperature": cfg.jsd_temperature}
-    loss, metrics = chunked_logit_loss(hidden_B_T_H, head, scored.teacher_hidden_B_T_H,
-                                       teacher.get_output_embeddings(), loss_fn, mask_B_T,
-                                       weights_B_T, normalizer, chunk_tokens, **kwargs)
-    return loss, {f"loss/{cfg.objective}": metrics["loss/objective"]}
+    return loss_fn, kwargs
+
+
+def objective_loss(student, batch: RolloutBatch, scored: ScoredBatch, weights_B_T: torch.Tensor,
+                   advantages_B_T: torch.Tensor | None, cfg: LossConfig, normalizer: float,
+                   chunk_tokens: int, teacher_logits: TeacherLogits | None = None,
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one micro-batch (already divided by the whole step's `normalizer`).
+
+    Args:
+        student: the student (a transformers model or its, possibly sharded, ResponseLM).
+        batch / scored: the micro-batch's rows of the rollout and of its scores.
+        weights_B_T / advantages_B_T: the method's output for these rows.
+        teacher_logits: the scorer's teacher head (full-distribution objectives only).
+    """
+    mask_B_T = scored.mask_B_T
+
+    def compute(hidden_B_T_H, head):
+        if cfg.objective == "sampled":
+            st = token_stats(hidden_B_T_H, head, batch.response_ids_B_T, 1, chunk_tokens)
+            assert advantages_B_T is not None, "sampled objective needs advantages"
+            return losses.sampled_token_loss(
+                st.lp_B_T, scored.behavior_lp_B_T, advantages_B_T, mask_B_T, weights_B_T,
+                surrogate=cfg.surrogate, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                normalizer=normalizer)
+        if cfg.objective == "topk":
+            st = token_stats(hidden_B_T_H, head, batch.response_ids_B_T, 1, chunk_tokens,
+                             cand_ids_B_T_K=scored.student_topk_ids_B_T_K)
+            assert st.cand_lp_B_T_K is not None
+            return losses.topk_pg_loss(
+                st.cand_lp_B_T_K, scored.student_topk_lp_B_T_K, scored.teacher_lp_on_student_topk_B_T_K,
+                mask_B_T, weights_B_T, weight_mode=cfg.topk_weight, clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high, normalizer=normalizer)
+        assert scored.teacher_hidden_B_T_H is not None and teacher_logits is not None, \
+            "full-distribution objectives keep the teacher's hidden states and its head"
+        loss_fn, kwargs = full_distribution_loss_fn(cfg)
+        loss, metrics = chunked_logit_loss(hidden_B_T_H, head, scored.teacher_hidden_B_T_H, teacher_logits,
+                                           loss_fn, mask_B_T, weights_B_T, normalizer, chunk_tokens, **kwargs)
+        return loss, {f"loss/{cfg.objective}": metrics["loss/objective"]}
+
+    return as_response_lm(student)(batch, compute=compute)

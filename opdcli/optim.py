@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from opdcli.config import OptimConfig
 
@@ -41,6 +42,8 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+    if isinstance(norm, DTensor):  # sharded parameters: the norm over every shard
+        norm = norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"optim/lr": lr, "optim/grad_norm": float(norm)}

@@ -22,7 +22,7 @@ def toy_tokenizer():
 
 
 def save_tiny_model(path: Path, tokenizer, hidden: int = 32, layers: int = 1, seed: int = 0) -> Path:
-    from opdcli.toy.build import init_model
+    from opdcli.loops.toy_build import init_model
 
     model = init_model(tokenizer, hidden, layers, seed)
     model.save_pretrained(path)

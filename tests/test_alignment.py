@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import torch
 
-from opdcli.rollout.batch import RolloutBatch
-from opdcli.scoring import response_hidden, score_rollouts, token_stats
+from opdcli.engines.hf_scorer import score_rollouts
+from opdcli.engines.types import RolloutBatch
+from opdcli.lm import response_hidden, token_stats
 
 V = 11
 
@@ -117,8 +118,8 @@ def test_score_rollouts_teacher_on_student_topk_is_gathered(tiny_dirs):
     resp = torch.tensor([[10, 11, 12], [13, 14, 15]])
     ids = torch.cat([torch.tensor([[20, 21], [22, 23]]), resp], 1)
     batch = RolloutBatch(ids, torch.ones_like(ids), 2, resp, torch.ones_like(resp), torch.zeros(2, 3),
-                         torch.ones(2, dtype=torch.bool), (0, 1), ("a", "b"))
-    sc = score_rollouts(s, t, batch, k=4, chunk_tokens=2, batch_size=1, version=7)
+                         torch.ones(2, dtype=torch.bool), (0, 1), ("a", "b"), version_B=torch.tensor([7, 7]))
+    sc = score_rollouts(s, t, batch, k=4, chunk_tokens=2, batch_size=1)
     with torch.no_grad():
         t_lsm = t(input_ids=ids).logits.log_softmax(-1)[:, 1:4]
     expected = t_lsm.gather(-1, sc.student_topk_ids_B_T_K)

@@ -110,7 +110,7 @@ def test_teacher_with_a_different_vocabulary(tmp_path, toy_tokenizer):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from opdcli.toy.build import init_model
+    from opdcli.loops.toy_build import init_model
 
     vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<|im_end|>", *"abcdefgh0123456789"])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

@@ -11,7 +11,7 @@ import pytest
 
 from opdcli import config as C
 from opdcli.errors import ConfigError
-from opdcli.run_dir import validate_train_config
+from opdcli.validate import validate_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,8 +23,8 @@ def _kind(path: Path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_validates(path):
     if "methods" in C.read_yaml(path):  # a sweep file: every run it plans must validate
+        from opdcli.loops.sweep import load_sweep, run_overrides
         from opdcli.methods import build_method
-        from opdcli.sweep import load_sweep, run_overrides
 
         sweep = load_sweep(path)
         for method in sweep.methods:

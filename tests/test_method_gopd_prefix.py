@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from opdcli.config import LossConfig
+from opdcli.engines.types import ScoredBatch
 from opdcli.errors import ConfigError
 from opdcli.methods import build_method
 from opdcli.methods.gopd import gopd_advantage
-from opdcli.scoring import ScoredBatch
 from opdcli.signals import sampled_advantage
 
 

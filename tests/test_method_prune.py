@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opdcli.config import LossConfig
+from opdcli.engines.types import ScoredBatch
 from opdcli.errors import ConfigError
 from opdcli.methods.base import METHODS, build_method
 from opdcli.methods.prune import (
@@ -20,7 +21,6 @@ from opdcli.methods.prune import (
     reliability_weights,
     top_p_accept_events,
 )
-from opdcli.scoring import ScoredBatch
 
 
 def _scored(events_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> ScoredBatch:
@@ -199,26 +199,30 @@ def test_online_truncation_stops_drifting_rows_and_matches_offline_events(tiny_d
     import torch
     from transformers import AutoModelForCausalLM
 
+    from opdcli.engines.hf_sampler import HFSampler
+    from opdcli.engines.hf_scorer import score_rollouts
+    from opdcli.engines.types import GenerationControl, SamplingParams
     from opdcli.methods.prune import top_p_accept_events
-    from opdcli.methods.prune_online import online_stop_factory
-    from opdcli.rollout.hf import SamplingParams, sample
-    from opdcli.scoring import score_rollouts
+    from opdcli.methods.prune_online import DriftStopRule
     from opdcli.signals import topk_overlap
 
     s = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"]).eval()
     t = AutoModelForCausalLM.from_pretrained(tiny_dirs["teacher"]).eval()
     texts = ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n"] * 3
     params = SamplingParams(n=1, max_new_tokens=24)
-    stats: list = []
+    control = GenerationControl(24, DriftStopRule(k=4, theta=theta, w_drop=0.5, chunk=3, metric=metric))
+
+    def run(follower, ctl):
+        sampler = HFSampler(s, toy_tokenizer, generator=torch.Generator().manual_seed(0), follower=follower)
+        return sampler.sample(texts, params, control=ctl)
+
     if metric == "overlap_ratio":  # (a sampled token can fall outside even the student's own nucleus)
-        sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0),
-               stop=online_stop_factory(s, k=4, theta=theta, w_drop=0.5, chunk=3, stats=stats, metric=metric))
-        assert not stats[0].stopped_B.any()
-        stats = []
-    cut = sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0),
-                 stop=online_stop_factory(t, k=4, theta=theta, w_drop=0.5, chunk=3, stats=stats, metric=metric))
-    full = sample(s, toy_tokenizer, texts, params, generator=torch.Generator().manual_seed(0))
-    sc = score_rollouts(s, t, full, k=4, chunk_tokens=8, batch_size=8, version=0)
+        own = run(s, control)
+        assert not own.stopped_B.any() and own.follower_tokens > 0
+    cut = run(t, control)
+    full = run(None, None)
+    assert full.stopped_B is None and full.follower_tokens == 0
+    sc = score_rollouts(s, t, full, k=4, chunk_tokens=8, batch_size=8)
     if metric == "overlap_ratio":
         drift = topk_overlap(sc.student_topk_ids_B_T_K, sc.teacher_topk_ids_B_T_K) < theta
     else:
@@ -228,7 +232,7 @@ def test_online_truncation_stops_drifting_rows_and_matches_offline_events(tiny_d
     for b in range(3):
         n_cut = int(cut.response_mask_B_T[b].sum())
         assert torch.equal(cut.response_ids_B_T[b, :n_cut], full.response_ids_B_T[b, :n_cut])
-        if bool(stats[0].stopped_B[b]):
+        if bool(cut.stopped_B[b]):
             # stopped within one chunk after the second event (w_drop 0.5 -> 2 events)
             second = int((cum[b] >= 2).nonzero()[0])
             assert second < n_cut <= second + 3

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from opdcli.config import LossConfig
+from opdcli.engines.types import ScoredBatch
 from opdcli.errors import ConfigError
 from opdcli.methods.base import METHODS, build_method
 from opdcli.methods.release import ReleaseRule
-from opdcli.scoring import ScoredBatch
 
 STEPS = ["3*7=21.", "16*3=48.", "48*7=336.", "10+4=14.", "14-2=12.", "12*2=24.", "24+1=25.",
          r"\boxed{25}"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from opdcli.config import LossConfig
+from opdcli.engines.types import ScoredBatch
 from opdcli.errors import ConfigError
 from opdcli.methods.base import METHODS, build_method
 from opdcli.methods.topd import (
@@ -16,7 +17,6 @@ from opdcli.methods.topd import (
     topk_union_rkl,
     windowed_discounted_sum,
 )
-from opdcli.scoring import ScoredBatch
 from opdcli.signals import sampled_advantage
 
 T = 10

@@ -8,7 +8,7 @@ import pytest
 from opdcli import config as C
 from opdcli.methods import METHODS
 from opdcli.records import read_records
-from opdcli.tracking import read_metrics
+from opdcli.run.tracking import read_metrics
 
 CASES = {
     "opd": ([], None),
@@ -27,7 +27,7 @@ def test_every_registered_method_has_an_integration_case():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_method_trains_two_steps(name, tmp_path):
-    from opdcli.train import run_train
+    from opdcli.loops.train import run_train
 
     extra, key = CASES[name]
     overrides = [f"run.out_dir={tmp_path}", "train.max_steps=2", "rollout.prompts_per_step=4",
@@ -57,7 +57,7 @@ def test_method_trains_two_steps(name, tmp_path):
 @pytest.mark.parametrize("name", ["prune", "release", "topd"])
 def test_method_topk_beyond_scoring_is_refused_before_models_load(name, tmp_path):
     from opdcli.errors import ConfigError
-    from opdcli.train import run_train
+    from opdcli.loops.train import run_train
 
     overrides = [f"run.out_dir={tmp_path}", f"method.name={name}", "method.options.k=32", "scoring.top_k=16",
                  "model.student=/nonexistent/model"]  # a model load would fail with another message

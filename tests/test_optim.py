@@ -35,25 +35,26 @@ def test_grad_accumulation_matches_one_batch(tiny_dirs, toy_tokenizer):
     from transformers import AutoModelForCausalLM
 
     from opdcli.config import LossConfig
-    from opdcli.methods.base import MethodOutput
+    from opdcli.engines.hf_sampler import sample
+    from opdcli.engines.hf_scorer import HFScorer, score_rollouts
+    from opdcli.engines.types import SamplingParams
     from opdcli.objective import objective_loss
-    from opdcli.rollout.hf import SamplingParams, sample
-    from opdcli.scoring import score_rollouts
 
     s = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])
     t = AutoModelForCausalLM.from_pretrained(tiny_dirs["teacher"]).eval()
     texts = ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n"] * 2
     batch = sample(s, toy_tokenizer, texts, SamplingParams(n=2, max_new_tokens=9), generator=torch.Generator().manual_seed(0))
-    sc = score_rollouts(s, t, batch, k=4, chunk_tokens=4, batch_size=8, version=0, keep_teacher_hidden=True)
-    out = MethodOutput(weights_B_T=sc.mask_B_T, advantages_B_T=sc.teacher_lp_B_T - sc.student_lp_B_T)
+    sc = score_rollouts(s, t, batch, k=4, chunk_tokens=4, batch_size=8, keep_teacher_hidden=True)
+    weights, adv = sc.mask_B_T, sc.teacher_lp_B_T - sc.student_lp_B_T
+    head = HFScorer(None, t, k=4, chunk_tokens=4, batch_size=8).teacher_logits
     n = float(sc.mask_B_T.sum())
     for objective in ("rkl", "sampled"):
         grads = []
         for splits in ([slice(0, 4)], [slice(0, 1), slice(1, 4)]):
             s.zero_grad()
             for sl in splits:
-                micro = MethodOutput(out.weights_B_T[sl], out.advantages_B_T[sl])
-                loss, _ = objective_loss(s, t, batch.rows(sl), sc.rows(sl), micro, LossConfig(objective=objective), n, 4)
+                loss, _ = objective_loss(s, batch.rows(sl), sc.rows(sl), weights[sl], adv[sl],
+                                         LossConfig(objective=objective), n, 4, teacher_logits=head)
                 loss.backward()
             grads.append(torch.cat([p.grad.flatten() for p in s.parameters() if p.grad is not None]))
         assert torch.allclose(grads[0], grads[1], atol=1e-6), objective

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from opdcli import records
 from opdcli.errors import OpdError, RecordError
 from opdcli.records import (
     SCHEMA_NAME,
@@ -24,6 +23,7 @@ from opdcli.records import (
     RolloutWriter,
     read_raw,
     read_records,
+    schema,
     validate_record,
 )
 
@@ -237,7 +237,7 @@ INF = float("inf")
 # (id, mutation, substrings that must appear in the message)
 FAILURES = [
     # missing fields
-    *[(f"missing-{n}", _drop(n), [n, "missing"]) for n in records._REQUIRED_FIELDS],
+    *[(f"missing-{n}", _drop(n), [n, "missing"]) for n in schema.REQUIRED_FIELDS],
     ("missing-schema", _drop("schema"), ["schema", "missing"]),
     ("missing-schema_version", _drop("schema_version"), ["schema_version", "missing"]),
     ("missing-topk-matrix", _drop("teacher_topk_lp"), ["teacher_topk_lp", "missing"]),
@@ -357,7 +357,7 @@ def test_validation_failure_names_line_and_field(tmp_path, mutate, needles):
 
 def test_failures_cover_every_field():
     ids = " ".join(f[0] for f in FAILURES)
-    for name in records._ALL_FIELDS:
+    for name in schema._ALL_FIELDS:
         assert name in ids, name
 
 
@@ -554,7 +554,7 @@ def test_writer_appends_and_fsyncs(tmp_path, monkeypatch):
         calls.append(fd)
         real_fsync(fd)
 
-    import opdcli.records_io as records_io
+    import opdcli.records.io as records_io
 
     monkeypatch.setattr(records_io.os, "fsync", counting_fsync)
     path = tmp_path / "r.jsonl"

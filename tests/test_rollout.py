@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from opdcli.rollout.hf import SamplingParams, decode_responses, process_logits, sample
-from opdcli.scoring import response_hidden, token_stats
+from opdcli.engines.hf_sampler import decode_responses, process_logits, sample
+from opdcli.engines.types import SamplingParams
+from opdcli.lm import response_hidden, token_stats
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from opdcli.cli import TOY_CONFIGS, app
 from opdcli.config import TrainRunConfig, load_config
 from opdcli.errors import ConfigError
+from opdcli.loops.rollout import _prompts, apply_flags, check_rollout_config, set_keys
 from opdcli.records import read_records
-from opdcli.rollout_cmd import _prompts, apply_flags, check_rollout_config, set_keys
 
 runner = CliRunner()
 

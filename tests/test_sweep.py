@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from opdcli.errors import ConfigError
-from opdcli.sweep import load_sweep, run_sweep
+from opdcli.loops.sweep import load_sweep, run_sweep
+from opdcli.loops.train import run_train
 
 
 def test_sweep_writes_the_table(tmp_path):
@@ -20,7 +21,7 @@ methods:
   - name: prefix
     options: {{length: 5}}
 """.replace(str(tmp_path.parent.parent / "x"), str((__import__("pathlib").Path("configs/toy/opd.yaml")).resolve())))
-    rows = run_sweep(f, ["test"])
+    rows = run_sweep(f, ["test"], train=run_train)
     assert [(r["method"], r["seed"]) for r in rows] == [("opd", 0), ("opd", 1), ("prefix", 0), ("prefix", 1)]
     prefix = [r for r in rows if r["method"] == "prefix"]
     opd = [r for r in rows if r["method"] == "opd"]
@@ -34,7 +35,7 @@ methods:
     first = {(r["method"], r["seed"]): r for r in rows}
     f.write_text(f.read_text().replace("options: {length: 5}", "options: {length: 4}"))
     seen = []
-    again = run_sweep(f, ["test"], skip_done=True, echo=seen.append)
+    again = run_sweep(f, ["test"], train=run_train, skip_done=True, echo=seen.append)
     assert len(seen) == 2 and all("opd seed" in s and "reused" in s for s in seen)
     for r in again:
         if r["method"] == "opd":
@@ -67,7 +68,7 @@ def test_command_line_set_applies_to_every_run_and_refuses_per_run_keys(tmp_path
     f.write_text(f"base: {Path('configs/toy/opd.yaml').resolve()}\nout_dir: {tmp_path / 'out'}\nseeds: [0]\n"
                  "set: [train.max_steps=3, eval.size=4, rollout.prompts_per_step=2, train.rollouts_every=0]\n"
                  "methods: [opd]\n")
-    run_sweep(f, ["test"], extra=["train.max_steps=1"])
+    run_sweep(f, ["test"], train=run_train, extra=["train.max_steps=1"])
     lines = [json.loads(x) for x in (tmp_path / "out" / "opd-seed0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["progress/step"] for r in lines if "loss/total" in r] == [1]
     for key in ("run.out_dir=x", "run.seed=3", "method.name=prune", "method.options.theta=0.5"):

@@ -76,8 +76,8 @@ def test_shipped_long_pair_leaves_room_to_learn(toy_tokenizer):
 
     from opdcli.config import DataConfig, ToyTaskConfig
     from opdcli.data import heldout_prompts
-    from opdcli.heldout import heldout_accuracy
     from opdcli.models import load_model
+    from opdcli.run.heldout import heldout_accuracy
 
     prompts = heldout_prompts(DataConfig(toy=ToyTaskConfig(n_ops=8, max_operand=20, ops="+-")), 32)
     acc = {}

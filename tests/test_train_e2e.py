@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from opdcli import config as C
-from opdcli.tracking import read_metrics
+from opdcli.run.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def _mean(rows, key, sl):
 
 
 def test_opd_improves_the_student_and_resume_continues(tmp_path):
-    from opdcli.train import run_train
+    from opdcli.loops.train import run_train
 
     overrides = [f"run.out_dir={tmp_path / 'run'}", "train.max_steps=100", "eval.every=0",
                  "train.save_every=50", "train.rollouts_every=25"]
@@ -42,7 +42,7 @@ def test_opd_improves_the_student_and_resume_continues(tmp_path):
 
 
 def test_distill_improves_the_student(tmp_path):
-    from opdcli.distill import run_distill
+    from opdcli.loops.distill import run_distill
 
     overrides = [f"run.out_dir={tmp_path / 'run'}", "train.max_steps=100", "eval.every=0"]
     cfg, explicit = C.load_config(C.DistillRunConfig, "configs/toy/distill.yaml", overrides)

@@ -1,4 +1,4 @@
-"""The transformers generator: our sampling loop (`opdcli.rollout.hf.sample`) on CPU or GPU.
+"""The transformers generator: the training sampler (`opdcli.engines.hf_sampler.HFSampler`) on CPU or GPU.
 
 Prompts go through the model's chat template (with `enable_thinking` where the template has
 that switch). min-p is not implemented by the loop, so a min_p > 0 raises.
@@ -42,7 +42,8 @@ class HFGenerator:
     def generate(self, prompts: list[ChatPrompt], params: GenParams) -> list[list[Completion]]:
         import torch
 
-        from opdcli.rollout.hf import SamplingParams, decode_responses, sample
+        from opdcli.engines.hf_sampler import HFSampler, decode_responses
+        from opdcli.engines.types import SamplingParams
 
         if params.min_p > 0:
             raise ConfigError(f"the hf generator does not implement min-p (got {params.min_p}); use --min-p 0 "
@@ -51,7 +52,7 @@ class HFGenerator:
         sp = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                             top_k=params.top_k, max_new_tokens=params.max_tokens, batch_size=self.batch_size)
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        batch = sample(self.model, self.tokenizer, texts, sp, generator=gen)
+        batch = HFSampler(self.model, self.tokenizer, generator=gen).sample(texts, sp)
         responses = decode_responses(self.tokenizer, batch)
         lengths = batch.response_mask_B_T.sum(-1).tolist()
         finished = batch.finished_B.tolist()

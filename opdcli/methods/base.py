@@ -3,7 +3,8 @@
 A method is a weight/advantage producer, never a loss or a loop: it reads the scored batch
 and returns per-token weights (>= 0, detached) and optionally replacement advantages, plus
 metrics and per-token / per-trajectory outputs for rollouts.jsonl. A method may also decide
-generation (the next step's token budget). Each method declares its own frozen config class;
+generation through a `GenerationControl` value (the next step's token budget, a per-token stop
+rule) that the sampler consults. Each method declares its own frozen config class;
 `method.options` in YAML is validated against that class only.
 """
 
@@ -16,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 
 from opdcli.config import LossConfig, build_dataclass
+from opdcli.engines.types import GenerationControl, ScoredBatch, StopRule
 from opdcli.errors import ConfigError, MethodNotFoundError
-from opdcli.scoring import ScoredBatch
 
 
 @dataclass
@@ -63,10 +64,13 @@ class Method:
         del step
         return default
 
-    def stop_factory(self, teacher: Any) -> Any:
-        """A rollout.hf.StopFactory that ends rows during sampling (Prune-OPD online), or None."""
-        del teacher
+    def stop_rule(self) -> StopRule | None:
+        """A per-token stop rule the sampler hosts (Prune-OPD online truncation), or None."""
         return None
+
+    def generation_control(self, default: int, step: int) -> GenerationControl:
+        """What step `step`'s rollout may generate: its token budget and stop rule."""
+        return GenerationControl(max_new_tokens=self.max_new_tokens(default, step), stop=self.stop_rule())
 
     def reference_model(self, student: str) -> str | None:
         """A reference model to score pi_ref with (G-OPD), or None."""

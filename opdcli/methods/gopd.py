@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from opdcli.engines.types import ScoredBatch
 from opdcli.errors import ConfigError
 from opdcli.methods.base import Method, MethodOutput, register
-from opdcli.scoring import ScoredBatch
 from opdcli.signals import discounted_future_sum, masked_mean
 
 

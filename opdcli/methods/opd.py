@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from opdcli.engines.types import ScoredBatch
 from opdcli.methods.base import Method, MethodOutput, register
-from opdcli.scoring import ScoredBatch
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from typing import Literal
 
 import torch
 
+from opdcli.engines.types import ScoredBatch
 from opdcli.errors import ConfigError
 from opdcli.methods.base import Method, MethodOutput, register
-from opdcli.scoring import ScoredBatch
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,17 @@ from typing import Any, Literal
 
 import torch
 
+from opdcli.engines.types import ScoredBatch
 from opdcli.errors import ConfigError
 from opdcli.methods.base import Method, MethodOutput, register, require_topk
-from opdcli.scoring import ScoredBatch
-from opdcli.signals import masked_mean, topk_overlap
+from opdcli.methods.drift import (
+    effective_length,
+    overlap_ratio,
+    reliability_weights,
+    top_p_accept_events,
+)
+from opdcli.methods.prune_online import DriftStopRule
+from opdcli.signals import masked_mean
 
 
 @dataclass(frozen=True)
@@ -80,41 +87,6 @@ class PruneConfig:
     scores during generation, in chunks of online_chunk tokens), with either drift metric."""
     online_chunk: int = 16
     """Tokens per teacher scoring chunk during online truncation (the stop lag)."""
-
-
-def overlap_ratio(student_ids_B_T_K: torch.Tensor, teacher_ids_B_T_K: torch.Tensor) -> torch.Tensor:
-    """o_t: fraction of the student's top-K ids that are among the teacher's top-K, (B, T)."""
-    return topk_overlap(student_ids_B_T_K, teacher_ids_B_T_K)
-
-
-def top_p_accept_events(sampled_ids_B_T: torch.Tensor, teacher_topk_ids_B_T_K: torch.Tensor,
-                        teacher_topk_lp_B_T_K: torch.Tensor, theta: float) -> torch.Tensor:
-    """Drift events of the teacher_top_p_accept metric, bool (B, T).
-
-    The nucleus is the shortest prefix of the teacher's top-K (sorted by probability) whose
-    cumulative probability reaches theta; a candidate is inside iff the mass before it is
-    still below theta, so when the top-K never reaches theta all K are accepted. The event
-    is the sampled token lying outside the nucleus.
-    """
-    lp_B_T_K, order_B_T_K = teacher_topk_lp_B_T_K.sort(-1, descending=True)
-    ids_B_T_K = teacher_topk_ids_B_T_K.gather(-1, order_B_T_K)
-    p_B_T_K = lp_B_T_K.exp()
-    before_B_T_K = p_B_T_K.cumsum(-1) - p_B_T_K
-    inside_B_T_K = before_B_T_K < theta
-    accepted_B_T = ((ids_B_T_K == sampled_ids_B_T[..., None]) & inside_B_T_K).any(-1)
-    return ~accepted_B_T
-
-
-def reliability_weights(events_B_T: torch.Tensor, mask_B_T: torch.Tensor, w_drop: float) -> torch.Tensor:
-    """w_t = clip(1 - w_drop * N_t, 0, 1) * m_t with N_t the inclusive count of masked events."""
-    m_B_T = (mask_B_T > 0).float()
-    n_B_T = (events_B_T.float() * m_B_T).cumsum(-1)
-    return (1.0 - w_drop * n_B_T).clamp(0.0, 1.0) * m_B_T
-
-
-def effective_length(w_B_T: torch.Tensor, mask_B_T: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """L_eff: number of valid tokens whose reliability exceeds eps, (B,) long."""
-    return ((w_B_T > eps) & (mask_B_T > 0)).sum(-1)
 
 
 class PruneBudget:
@@ -187,17 +159,13 @@ class PruneOPD(Method):
         if cfg.online_chunk < 1:
             raise ConfigError(f"method.options.online_chunk is {cfg.online_chunk}; it must be at least 1")
         self._budget: PruneBudget | None = None
-        self._online: list = []
 
-    def stop_factory(self, teacher):
+    def stop_rule(self) -> DriftStopRule | None:
         """Online truncation of rollouts (None unless online is set)."""
         if not self.cfg.online:
             return None
-        from opdcli.methods.prune_online import online_stop_factory
-
-        self._online = []
-        return online_stop_factory(teacher, k=self.cfg.k, theta=self.cfg.theta, w_drop=self.cfg.w_drop,
-                                   chunk=self.cfg.online_chunk, stats=self._online, metric=self.cfg.metric)
+        c = self.cfg
+        return DriftStopRule(k=c.k, theta=c.theta, w_drop=c.w_drop, chunk=c.online_chunk, metric=c.metric)
 
     def _ensure_budget(self, default: int) -> PruneBudget:
         if self._budget is None:
@@ -245,12 +213,6 @@ class PruneOPD(Method):
             p + "eff_len_min": float(l_eff_B.min()) if has_rows else 0.0,
             p + "eff_len_max": float(l_eff_B.max()) if has_rows else 0.0,
         }
-        if self._online:
-            stopped = sum(int(o.stopped_B.sum()) for o in self._online)
-            rows = sum(int(o.stopped_B.numel()) for o in self._online)
-            metrics[p + "online_stopped_frac"] = stopped / max(1, rows)
-            metrics[p + "online_teacher_tokens"] = float(sum(o.scored_tokens for o in self._online))
-            self._online = []
         if c.budget:
             budget = self._ensure_budget(int(m_B_T.shape[-1]))
             metrics |= {p + key: value for key, value in budget.update(l_eff_B).items()}

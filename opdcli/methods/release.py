@@ -29,9 +29,9 @@ from typing import Any, Literal
 import torch
 
 from opdcli.changepoint import ChangePoint, profiled_rss_bic
+from opdcli.engines.types import ScoredBatch
 from opdcli.errors import ConfigError
 from opdcli.methods.base import Method, MethodOutput, register, require_topk
-from opdcli.scoring import ScoredBatch
 from opdcli.segments import segment_response
 
 LOG_FLOOR = -1e4

@@ -79,7 +79,7 @@ def apply_flags(cfg: TrainRunConfig, *, student: str | None = None, teacher: str
 
 def check_rollout_config(cfg: TrainRunConfig, overrides: set[str]) -> None:
     """Refuse overrides that cannot take effect without training; check the scoring K."""
-    from opdcli.run_dir import validate_common
+    from opdcli.validate import validate_common
 
     for key in sorted(overrides):
         if key.startswith(UNUSED_PREFIXES) or key in UNUSED_KEYS:
@@ -129,10 +129,14 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     """
     import torch
 
+    from opdcli import stages
+    from opdcli.assembly import assemble
+    from opdcli.dist import ALONE
+    from opdcli.engines.hf_sampler import HFSampler
     from opdcli.methods import build_method
-    from opdcli.models import load_pair
-    from opdcli.run_dir import setup_process
-    from opdcli.train import load_reference
+    from opdcli.models import load_pair, load_reference
+    from opdcli.run.context import setup_process
+    from opdcli.validate import check_sampler
 
     out = Path(out)
     check_rollout_config(cfg, overrides or set())
@@ -140,43 +144,40 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     setup_process(cfg.run)
     method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
     method.check_scoring(cfg.scoring.top_k)
+    check_sampler(HFSampler, method)
     prompts = _prompts(cfg)  # data errors surface before models load
-    pair = load_pair(cfg.model.student, cfg.model.teacher, cfg.run.device, cfg.run.dtype,
-                     trust_remote_code=cfg.model.trust_remote_code,
-                     attn_implementation=cfg.model.attn_implementation)
+    m = cfg.model
+    pair = load_pair(m.student, m.teacher, cfg.run.device, cfg.run.dtype,
+                     trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
     method.attach(pair.tokenizer)
-    reference = load_reference(method, cfg, pair)
+    reference = load_reference(method.reference_model(m.student), pair, m.student,
+                               trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
     generator = torch.Generator(device=pair.device).manual_seed(cfg.run.seed)
+    parts = assemble(cfg, pair, ALONE, generator, reference=reference, train=False)
     start, tokens = time.perf_counter(), 0
     run_id = uuid.uuid4().hex[:12]
     with _open_out(out) as writer:
         renumber = _Renumber(writer)
         size = cfg.rollout.prompts_per_step
         for a in range(0, len(prompts), size):
-            tokens += _batch(cfg, pair, method, reference, prompts[a:a + size], generator, renumber, run_id)
+            tokens += _batch(cfg, parts, method, prompts[a:a + size], renumber, run_id, stages)
     return RolloutResult(str(out), renumber.count, tokens, cfg.scoring.top_k, time.perf_counter() - start)
 
 
-def _batch(cfg: TrainRunConfig, pair, method, reference, prompts: list[Any], generator,
-           writer: _Renumber, run_id: str) -> int:
+def _batch(cfg: TrainRunConfig, parts, method, prompts: list[Any], writer: _Renumber, run_id: str, stages) -> int:
     """Sample, score, apply the method and write one batch of prompts; returns its tokens."""
     from opdcli.data import render
-    from opdcli.rollout.hf import SamplingParams, decode_responses, sample
-    from opdcli.rollout_log import write_rollout_records
-    from opdcli.scoring import score_rollouts
-    from opdcli.signals import sampled_advantage
+    from opdcli.dist import ALONE
+    from opdcli.engines.hf_sampler import decode_responses
+    from opdcli.records.rows import write_rollout_records
 
-    r = cfg.rollout
-    params = SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
-                            top_k=r.top_k, max_new_tokens=r.max_new_tokens, batch_size=r.batch_size)
-    rollout = sample(pair.student, pair.tokenizer, [render(pair.tokenizer, p) for p in prompts], params,
-                     generator=generator)
-    scored = score_rollouts(pair.student, pair.teacher, rollout, k=cfg.scoring.top_k,
-                            chunk_tokens=cfg.scoring.chunk_tokens, batch_size=cfg.scoring.batch_size,
-                            version=0, reference=reference)
-    advantages = sampled_advantage(scored.teacher_lp_B_T, scored.student_lp_B_T, scored.mask_B_T,
-                                   cfg.loss.kl_coef, cfg.loss.discount)
-    out = method.apply(scored, advantages, 0)
-    write_rollout_records(writer, run_id, 0, prompts, rollout, scored, out,
-                          decode_responses(pair.tokenizer, rollout), method.name, cfg.scoring.top_k)
+    tok = parts.sampler.tokenizer
+    # the full rollout.max_new_tokens and no stop rule: records of whole responses
+    rollout = stages.sample(parts.sampler, [render(tok, p) for p in prompts], stages.sampling_params(cfg.rollout),
+                            ALONE)
+    scored = stages.score(parts.scorer, rollout, "sampled")
+    rows, whole = stages.gather(rollout, scored, ALONE)
+    out = stages.weigh(method, whole, rows, cfg.loss, 0)
+    write_rollout_records(writer, run_id, 0, prompts, rows, whole, out, decode_responses(tok, rows),
+                          method.name, cfg.scoring.top_k)
     return int(scored.mask_B_T.sum())

@@ -90,7 +90,7 @@ def init_model(tokenizer, hidden: int, layers: int, seed: int):
 def build_toy_model(spec: ToyModelSpec, out_dir: Path, *, seed: int = 0, steps: int | None = None,
                     eval_size: int = 256, weights_root: Path | None = None) -> dict[str, float]:
     """Initialise, SFT on gold solutions via run_distill, and save to out_dir. Returns held-out metrics."""
-    from opdcli.distill import run_distill
+    from opdcli.loops.distill import run_distill
 
     tok = build_toy_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:

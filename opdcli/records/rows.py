@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from opdcli.grading import grade
-from opdcli.records import SCHEMA_NAME, SCHEMA_VERSION, RolloutWriter
+from opdcli.records.io import RolloutWriter
+from opdcli.records.schema import SCHEMA_NAME, SCHEMA_VERSION
 
 
 def _row(x: torch.Tensor, n: int) -> list:
@@ -22,7 +23,11 @@ def _scalar(value: Any) -> Any:
 def write_rollout_records(writer: RolloutWriter | None, run_id: str, step: int, prompts: list[Any],
                           rollout, scored, out, responses: list[str], method_name: str,
                           topk: int) -> int:
-    """Append one record per sequence; returns the number written."""
+    """Append one record per sequence; returns the number written.
+
+    `rollout` gives each row's prompt_index_B, prompt_texts_P and finished_B (a RolloutBatch
+    or the global stages.StepRows); `scored` and `out` are the same rows' scores and method output.
+    """
     if writer is None:
         return 0
     lengths = scored.mask_B_T.sum(-1).long().tolist()

@@ -24,7 +24,7 @@ import yaml
 
 from opdcli.config import TrainRunConfig, build_dataclass, load_config, read_yaml, to_dict
 from opdcli.errors import ConfigError
-from opdcli.tracking import read_metrics
+from opdcli.run.tracking import read_metrics
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,10 @@ RESERVED = ("run.out_dir", "run.seed", "run.overwrite", "method.")
 """Keys the sweep sets per run; a command-line --set of them would collide across runs."""
 
 
-def run_sweep(path: Path, argv: list[str], *, skip_done: bool = False, extra: list[str] | None = None,
-              echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Train every (method, seed) of the sweep file; `extra` are --set overrides for every run."""
-    from opdcli.train import run_train
-
+def run_sweep(path: Path, argv: list[str], *, train: Callable[..., Any], skip_done: bool = False,
+              extra: list[str] | None = None, echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Train every (method, seed) of the sweep file with `train` (the CLI passes
+    opdcli.loops.train.run_train); `extra` are --set overrides for every run."""
     sweep = load_sweep(path)
     for item in extra or []:
         key = item.split("=", 1)[0].strip()
@@ -147,7 +146,7 @@ def run_sweep(path: Path, argv: list[str], *, skip_done: bool = False, extra: li
             continue
         (Path(cfg.run.out_dir) / ROW_FILE).unlink(missing_ok=True)  # a rerun must not leave a stale row
         start = time.perf_counter()
-        result = run_train(cfg, explicit, argv=argv)
+        result = train(cfg, explicit, argv=argv)
         summary = summarize_run(Path(result.run_dir), time.perf_counter() - start)
         (Path(result.run_dir) / ROW_FILE).write_text(json.dumps(summary) + "\n", encoding="utf-8")
         rows.append(row | summary)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 
 from opdcli.data import Prompt, render
+from opdcli.engines.hf_sampler import decode_responses, sample
+from opdcli.engines.types import SamplingParams
 from opdcli.grading import grade, last_boxed, strip_thinking
-from opdcli.rollout.hf import SamplingParams, decode_responses, sample
 
 
 @torch.no_grad()

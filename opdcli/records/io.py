@@ -1,7 +1,7 @@
 """The rollout record dataclass, crash-safe appends to rollouts.jsonl and streaming readers.
 
-The schema, the record dataclass and validation live in `opdcli.records`, which re-exports
-everything here; import from there.
+The schema and validation live in `opdcli.records.schema`; `opdcli.records` re-exports both
+modules' public names.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from opdcli.errors import RecordError
-from opdcli.records import (
-    _FLOAT_LISTS,
-    _FLOAT_MATRICES,
-    _INT_TYPES,
-    _OPTIONAL_FIELDS,
-    _REQUIRED_FIELDS,
+from opdcli.records.schema import (
     FLOAT_DECIMALS,
+    FLOAT_LISTS,
+    FLOAT_MATRICES,
+    INT_TYPES,
+    OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
     SCHEMA_NAME,
     SCHEMA_VERSION,
-    _check_header,
-    _show,
+    check_header,
+    show_value,
     validate_record,
 )
 
@@ -80,9 +80,9 @@ class RolloutRecord:
         Lists are shared with the record, not copied.
         """
         out: dict[str, Any] = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION}
-        for name in _REQUIRED_FIELDS:
+        for name in REQUIRED_FIELDS:
             out[name] = getattr(self, name)
-        for name in _OPTIONAL_FIELDS:
+        for name in OPTIONAL_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -96,13 +96,13 @@ class RolloutRecord:
 
 
 _OPTIONAL_NAMES = tuple(
-    f.name for f in dataclasses.fields(RolloutRecord) if f.name in _OPTIONAL_FIELDS
+    f.name for f in dataclasses.fields(RolloutRecord) if f.name in OPTIONAL_FIELDS
 )
 
 
 def _build(obj: Mapping[str, Any]) -> RolloutRecord:
     """Construct a record from an already-checked object (no validation)."""
-    kwargs = {name: obj[name] for name in _REQUIRED_FIELDS}
+    kwargs = {name: obj[name] for name in REQUIRED_FIELDS}
     for name in _OPTIONAL_NAMES:
         kwargs[name] = obj.get(name)
     method = kwargs["method"]
@@ -138,10 +138,10 @@ def _round_list(values: list) -> list:
 def _rounded(obj: dict[str, Any]) -> dict[str, Any]:
     """A copy of a validated record object with every float rounded to FLOAT_DECIMALS."""
     out = dict(obj)
-    for name in _FLOAT_LISTS:
+    for name in FLOAT_LISTS:
         if out.get(name) is not None:
             out[name] = _round_list(out[name])
-    for name in _FLOAT_MATRICES:
+    for name in FLOAT_MATRICES:
         if out.get(name) is not None:
             out[name] = [_round_list(row) for row in out[name]]
     if out.get("freshness") is not None:
@@ -152,7 +152,7 @@ def _rounded(obj: dict[str, Any]) -> dict[str, Any]:
         if "token" in method:
             # Integer-valued outputs (e.g. 0/1 events) stay integers.
             method["token"] = {
-                k: v if set(map(type, v)) <= _INT_TYPES else _round_list(v)
+                k: v if set(map(type, v)) <= INT_TYPES else _round_list(v)
                 for k, v in method["token"].items()
             }
         if "trajectory" in method:
@@ -238,7 +238,7 @@ class RolloutWriter:
                     f"{self.path}: last line had no trailing newline; added one before appending",
                     stacklevel=3,
                 )
-            elif _is_truncation(tail):
+            elif is_truncation(tail):
                 f.truncate(cut)
                 warnings.warn(
                     f"{self.path}: removed a partial last line ({size - cut} bytes at byte "
@@ -335,7 +335,7 @@ def _default_on_partial(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def _is_truncation(raw: bytes) -> bool:
+def is_truncation(raw: bytes) -> bool:
     """Whether an unterminated last line looks like a record cut off mid-write."""
     text = raw.lstrip()
     if text.startswith(b"\xef\xbb\xbf"):
@@ -388,8 +388,8 @@ def _iter_raw(
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                if not terminated and _is_truncation(raw):
-                    on_partial(_partial_message(where, raw))
+                if not terminated and is_truncation(raw):
+                    on_partial(partial_message(where, raw))
                     continue
                 raise RecordError(
                     f"{where}: file is not UTF-8 text (undecodable byte at column "
@@ -400,8 +400,8 @@ def _iter_raw(
             try:
                 obj = json.loads(text)
             except ValueError as exc:
-                if not terminated and _is_truncation(raw):
-                    on_partial(_partial_message(where, raw))
+                if not terminated and is_truncation(raw):
+                    on_partial(partial_message(where, raw))
                     continue
                 detail = getattr(exc, "msg", str(exc))
                 col = getattr(exc, "colno", None)
@@ -411,16 +411,16 @@ def _iter_raw(
                 ) from None
             if type(obj) is not dict:
                 raise RecordError(
-                    f"{where}: expected a JSON object (one rollout record), found {_show(obj)}"
+                    f"{where}: expected a JSON object (one rollout record), found {show_value(obj)}"
                 )
             if validate:
                 validate_record(obj, where=where)
             else:
-                _check_header(obj, where)
+                check_header(obj, where)
             yield lineno, obj
 
 
-def _partial_message(where: str, raw: bytes) -> str:
+def partial_message(where: str, raw: bytes) -> str:
     return (
         f"{where}: skipped an incomplete last line ({len(raw)} bytes, no trailing newline); "
         "a record cut off by an interrupted write"
@@ -447,7 +447,7 @@ def _iter_records(
 ) -> Iterator[RolloutRecord]:
     for lineno, obj in rows:
         if not validate:
-            for field in _REQUIRED_FIELDS:
+            for field in REQUIRED_FIELDS:
                 if field not in obj:
                     raise RecordError(f"{name}:{lineno}: missing required field '{field}'")
         yield _build(obj)

@@ -1,4 +1,4 @@
-"""The rollouts.jsonl record format: one JSON object per line, one line per trajectory.
+"""The rollouts.jsonl record format (schema and validation): one JSON object per line, one line per trajectory.
 
 A trajectory is one student sample scored by the teacher. `docs/rollouts-schema.md` documents
 every field; this module is the single place that reads, writes and validates the format.
@@ -24,19 +24,6 @@ from typing import Any
 
 from opdcli.errors import RecordError
 
-__all__ = [
-    "FLOAT_DECIMALS",
-    "LOGPROB_TOLERANCE",
-    "MAX_TOPK",
-    "SCHEMA_NAME",
-    "SCHEMA_VERSION",
-    "RolloutRecord",
-    "RolloutWriter",
-    "read_raw",
-    "read_records",
-    "validate_record",
-]
-
 SCHEMA_NAME = "opd.rollout"
 SCHEMA_VERSION = 1
 
@@ -48,11 +35,11 @@ MAX_TOPK = 64
 FLOAT_DECIMALS = 5
 
 _NUMBER_TYPES = frozenset({int, float})
-_INT_TYPES = frozenset({int})
+INT_TYPES = frozenset({int})
 _LIST_TYPES = frozenset({list})
 
 _HEADER_FIELDS = ("schema", "schema_version")
-_REQUIRED_FIELDS = (
+REQUIRED_FIELDS = (
     "run_id",
     "step",
     "policy_version",
@@ -68,7 +55,7 @@ _REQUIRED_FIELDS = (
     "finished",
 )
 _TOPK_MATRICES = ("student_topk_ids", "teacher_topk_ids", "student_topk_lp", "teacher_topk_lp")
-_OPTIONAL_FIELDS = (
+OPTIONAL_FIELDS = (
     "ref_lp",
     "topk",
     *_TOPK_MATRICES,
@@ -79,12 +66,12 @@ _OPTIONAL_FIELDS = (
     "version_lag",
     "freshness",
 )
-_ALL_FIELDS = frozenset(_HEADER_FIELDS + _REQUIRED_FIELDS + _OPTIONAL_FIELDS)
+_ALL_FIELDS = frozenset(_HEADER_FIELDS + REQUIRED_FIELDS + OPTIONAL_FIELDS)
 _METHOD_KEYS = ("name", "token", "trajectory")
 
 # Float-valued fields, rounded on write.
-_FLOAT_LISTS = ("student_lp", "teacher_lp", "behavior_lp", "ref_lp")
-_FLOAT_MATRICES = ("student_topk_lp", "teacher_topk_lp", "teacher_lp_on_student_topk")
+FLOAT_LISTS = ("student_lp", "teacher_lp", "behavior_lp", "ref_lp")
+FLOAT_MATRICES = ("student_topk_lp", "teacher_topk_lp", "teacher_lp_on_student_topk")
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +79,7 @@ _FLOAT_MATRICES = ("student_topk_lp", "teacher_topk_lp", "teacher_lp_on_student_
 # --------------------------------------------------------------------------------------------
 
 
-def _show(value: Any, limit: int = 60) -> str:
+def show_value(value: Any, limit: int = 60) -> str:
     """A short, single-line rendering of an offending value, prefixed by its JSON type."""
     if value is None:
         return "null"
@@ -129,7 +116,7 @@ def _fail(where: str, field: str, expected: str, found: str, fix: str = "") -> R
 # --------------------------------------------------------------------------------------------
 
 
-def _check_header(obj: Mapping[str, Any], where: str) -> None:
+def check_header(obj: Mapping[str, Any], where: str) -> None:
     """Check `schema` and `schema_version`; refuse files from newer versions of opd."""
     if "schema" not in obj:
         raise _fail(
@@ -145,14 +132,14 @@ def _check_header(obj: Mapping[str, Any], where: str) -> None:
             where,
             "schema",
             f"the string {SCHEMA_NAME!r}",
-            _show(schema),
+            show_value(schema),
             "this line is not a rollout record",
         )
     if "schema_version" not in obj:
         raise _fail(where, "schema_version", f"int {SCHEMA_VERSION}", "nothing (missing)")
     version = obj["schema_version"]
     if type(version) is not int:
-        raise _fail(where, "schema_version", f"int {SCHEMA_VERSION}", _show(version))
+        raise _fail(where, "schema_version", f"int {SCHEMA_VERSION}", show_value(version))
     if version > SCHEMA_VERSION:
         raise _fail(
             where,
@@ -162,7 +149,7 @@ def _check_header(obj: Mapping[str, Any], where: str) -> None:
             "upgrade opd to read this file",
         )
     if version != SCHEMA_VERSION:
-        raise _fail(where, "schema_version", f"int {SCHEMA_VERSION}", _show(version))
+        raise _fail(where, "schema_version", f"int {SCHEMA_VERSION}", show_value(version))
 
 
 def _check_keys(obj: Mapping[str, Any], where: str) -> None:
@@ -174,7 +161,7 @@ def _check_keys(obj: Mapping[str, Any], where: str) -> None:
         raise RecordError(
             f"{_loc(where)}: unknown field {str(name)!r} (the schema is strict); {hint}"
         )
-    for name in _REQUIRED_FIELDS:
+    for name in REQUIRED_FIELDS:
         if name not in obj:
             raise RecordError(
                 f"{_loc(where)}: missing required field '{name}'; "
@@ -186,7 +173,7 @@ def _check_str(obj: Mapping[str, Any], name: str, where: str, *, nullable: bool 
     value = obj[name]
     if type(value) is str or (nullable and value is None):
         return
-    raise _fail(where, name, "a string or null" if nullable else "a string", _show(value))
+    raise _fail(where, name, "a string or null" if nullable else "a string", show_value(value))
 
 
 def _check_nonneg_int(
@@ -197,19 +184,19 @@ def _check_nonneg_int(
         return
     if type(value) is not int or value < 0:
         expected = "an int >= 0" + (" or null" if nullable else "")
-        raise _fail(where, name, expected, _show(value))
+        raise _fail(where, name, expected, show_value(value))
 
 
 def _check_bool(obj: Mapping[str, Any], name: str, where: str, *, nullable: bool = False) -> None:
     value = obj[name]
     if type(value) is bool or (nullable and value is None):
         return
-    raise _fail(where, name, "true/false" + (" or null" if nullable else ""), _show(value))
+    raise _fail(where, name, "true/false" + (" or null" if nullable else ""), show_value(value))
 
 
 def _check_list(value: Any, name: str, length: int, what: str, where: str) -> None:
     if type(value) is not list:
-        raise _fail(where, name, f"a list of {length} {what}", _show(value))
+        raise _fail(where, name, f"a list of {length} {what}", show_value(value))
     if len(value) != length:
         raise _fail(
             where,
@@ -268,7 +255,7 @@ def _check_float_list(
             )
         why = _bad_float(x, upper)
         if why is not None:
-            raise _fail(where, f"{name}[{t}]", why, _show(x))
+            raise _fail(where, f"{name}[{t}]", why, show_value(x))
 
 
 def _check_matrix(
@@ -297,7 +284,7 @@ def _check_matrix(
     # Slow path: locate the first offending entry for the message.
     for t, row in enumerate(value):
         if type(row) is not list:
-            raise _fail(where, f"{name}[{t}]", f"a list of {k} entries (topk)", _show(row))
+            raise _fail(where, f"{name}[{t}]", f"a list of {k} entries (topk)", show_value(row))
         if len(row) != k:
             raise _fail(
                 where,
@@ -309,11 +296,11 @@ def _check_matrix(
         for j, x in enumerate(row):
             if ints:
                 if type(x) is not int or x < 0:
-                    raise _fail(where, f"{name}[{t}][{j}]", "a token id (int >= 0)", _show(x))
+                    raise _fail(where, f"{name}[{t}][{j}]", "a token id (int >= 0)", show_value(x))
             else:
                 why = _bad_float(x, LOGPROB_TOLERANCE)
                 if why is not None:
-                    raise _fail(where, f"{name}[{t}][{j}]", why, _show(x))
+                    raise _fail(where, f"{name}[{t}][{j}]", why, show_value(x))
 
 
 def _check_method(obj: Mapping[str, Any], length: int, where: str) -> None:
@@ -325,7 +312,7 @@ def _check_method(obj: Mapping[str, Any], length: int, where: str) -> None:
             where,
             "method",
             'an object {"name": ..., "token": ..., "trajectory": ...}',
-            _show(method),
+            show_value(method),
         )
     for key in method:
         if key not in _METHOD_KEYS:
@@ -336,15 +323,15 @@ def _check_method(obj: Mapping[str, Any], length: int, where: str) -> None:
     if "name" not in method:
         raise _fail(where, "method.name", "a non-empty string", "nothing (missing)")
     if type(method["name"]) is not str or not method["name"]:
-        raise _fail(where, "method.name", "a non-empty string", _show(method["name"]))
+        raise _fail(where, "method.name", "a non-empty string", show_value(method["name"]))
     token = method.get("token", {})
     if type(token) is not dict:
-        raise _fail(where, "method.token", "an object {name: list of floats}", _show(token))
+        raise _fail(where, "method.token", "an object {name: list of floats}", show_value(token))
     for key in token:
         values = token[key]
         field = f"method.token.{key}"
         if type(values) is not list:
-            raise _fail(where, field, f"a list of {length} floats", _show(values))
+            raise _fail(where, field, f"a list of {length} floats", show_value(values))
         if len(values) != length:
             raise _fail(
                 where,
@@ -357,14 +344,14 @@ def _check_method(obj: Mapping[str, Any], length: int, where: str) -> None:
             for t, x in enumerate(values):
                 why = _bad_float(x, None)
                 if why is not None:
-                    raise _fail(where, f"{field}[{t}]", why, _show(x))
+                    raise _fail(where, f"{field}[{t}]", why, show_value(x))
     trajectory = method.get("trajectory", {})
     if type(trajectory) is not dict:
         raise _fail(
             where,
             "method.trajectory",
             "an object {name: number, bool, string or null}",
-            _show(trajectory),
+            show_value(trajectory),
         )
     for key, x in trajectory.items():
         if x is None or type(x) in (bool, str, int):
@@ -372,7 +359,7 @@ def _check_method(obj: Mapping[str, Any], length: int, where: str) -> None:
         if type(x) is float and math.isfinite(x):
             continue
         raise _fail(
-            where, f"method.trajectory.{key}", "a finite number, bool, string or null", _show(x)
+            where, f"method.trajectory.{key}", "a finite number, bool, string or null", show_value(x)
         )
 
 
@@ -384,9 +371,9 @@ def validate_record(obj: dict, *, where: str = "") -> None:
     """
     if type(obj) is not dict:
         raise RecordError(
-            f"{_loc(where)}: expected a JSON object (one rollout record), found {_show(obj)}"
+            f"{_loc(where)}: expected a JSON object (one rollout record), found {show_value(obj)}"
         )
-    _check_header(obj, where)
+    check_header(obj, where)
     _check_keys(obj, where)
 
     for name in ("run_id", "sample_id", "prompt_id", "prompt", "response_text"):
@@ -397,19 +384,19 @@ def validate_record(obj: dict, *, where: str = "") -> None:
 
     ids = obj["response_ids"]
     if type(ids) is not list:
-        raise _fail(where, "response_ids", "a list of token ids (ints >= 0)", _show(ids))
+        raise _fail(where, "response_ids", "a list of token ids (ints >= 0)", show_value(ids))
     length = len(ids)
-    if ids and not (set(map(type, ids)) <= _INT_TYPES and min(ids) >= 0):
+    if ids and not (set(map(type, ids)) <= INT_TYPES and min(ids) >= 0):
         for t, x in enumerate(ids):
             if type(x) is not int or x < 0:
-                raise _fail(where, f"response_ids[{t}]", "a token id (int >= 0)", _show(x))
+                raise _fail(where, f"response_ids[{t}]", "a token id (int >= 0)", show_value(x))
 
     mask = obj["mask"]
     _check_list(mask, "mask", length, "0/1 ints", where)
-    if mask and not (set(map(type, mask)) <= _INT_TYPES and set(mask) <= {0, 1}):
+    if mask and not (set(map(type, mask)) <= INT_TYPES and set(mask) <= {0, 1}):
         for t, x in enumerate(mask):
             if type(x) is not int or x not in (0, 1):
-                raise _fail(where, f"mask[{t}]", "0 or 1", _show(x), "1 marks a trained token")
+                raise _fail(where, f"mask[{t}]", "0 or 1", show_value(x), "1 marks a trained token")
 
     for name in ("student_lp", "teacher_lp", "behavior_lp"):
         _check_float_list(obj, name, length, where, upper=LOGPROB_TOLERANCE, mask=mask)
@@ -424,7 +411,7 @@ def validate_record(obj: dict, *, where: str = "") -> None:
                     where,
                     name,
                     "no top-k data when topk is absent or 0",
-                    _show(obj[name]),
+                    show_value(obj[name]),
                     f"set topk to the row length or drop '{name}'",
                 )
     else:
@@ -433,7 +420,7 @@ def validate_record(obj: dict, *, where: str = "") -> None:
                 where,
                 "topk",
                 f"an int in 0..{MAX_TOPK}",
-                _show(topk),
+                show_value(topk),
                 f"store at most {MAX_TOPK} entries per token" if type(topk) is int else "",
             )
         for name in _TOPK_MATRICES:
@@ -457,23 +444,6 @@ def validate_record(obj: dict, *, where: str = "") -> None:
     if obj.get("freshness") is not None:
         x = obj["freshness"]
         if type(x) not in _NUMBER_TYPES or not math.isfinite(x):
-            raise _fail(where, "freshness", "a finite float or null", _show(x))
+            raise _fail(where, "freshness", "a finite float or null", show_value(x))
     if "method" in obj:
         _check_method(obj, length, where)
-
-
-# The record dataclass, writing and reading live in records_io; re-exported so callers import
-# from one place.
-from opdcli.records_io import (  # noqa: E402
-    RolloutRecord,
-    RolloutWriter,
-    _is_truncation,
-    _partial_message,
-    read_raw,
-    read_records,
-)
-
-__all__ = [
-    "FLOAT_DECIMALS", "LOGPROB_TOLERANCE", "MAX_TOPK", "SCHEMA_NAME", "SCHEMA_VERSION", "RolloutRecord",
-    "RolloutWriter", "read_raw", "read_records", "validate_record", "_is_truncation", "_partial_message",
-]

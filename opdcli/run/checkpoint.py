@@ -41,16 +41,23 @@ class TrainState:
         self.generator = state["generator"]
 
 
-def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, state: TrainState,
-                    keep: int, final: bool = False) -> Path:
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict[str, Any], state: TrainState,
+                    keep: int, final: bool = False, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoints/step_N (main rank only).
+
+    Args:
+        model: a transformers model (its config and, unless `weights` is given, its weights).
+        optimizer_state: the full optimizer state (opdcli.learner.Learner.checkpoint_state).
+        weights: a full state dict gathered from a sharded student, or None.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     out = root / f"step_{state.step}"
     tmp = root / f".tmp_step_{state.step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
-    torch.save({"state": state.state_dict(), "optimizer": optimizer.state_dict(),
+    torch.save({"state": state.state_dict(), "optimizer": optimizer_state,
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "final": final}, tmp / STATE_FILE)
     shutil.rmtree(out, ignore_errors=True)
@@ -85,9 +92,10 @@ def resolve_resume(path: str) -> Path:
     return p
 
 
-def load_trainer_state(ckpt: Path, optimizer) -> TrainState:
+def load_trainer_state(ckpt: Path, load_optimizer) -> TrainState:
+    """Restore RNG states and return the trainer state; `load_optimizer(state)` takes the optimizer's."""
     blob = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    load_optimizer(blob["optimizer"])
     torch.set_rng_state(blob["torch_rng"])
     random.setstate(blob["python_rng"])
     state = TrainState()

@@ -1,0 +1,71 @@
+"""Assemble a run's parts from its config and loaded models: the learner, the sampler and
+the scorer, placed for one process or for data-parallel ranks.
+
+Alone, the sampler and the scorer share the learner's module (no copies, no weight sync).
+Under torchrun the student is sharded (FSDP2) for training, and the sampler holds a full
+replica that `sync_weights` refreshes after every optimizer step; the scorer scores the
+student on that replica, the teacher and reference replicated or sharded (`dist.frozen_models`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from opdcli.dist import Dist
+from opdcli.engines.hf_sampler import HFSampler
+from opdcli.engines.hf_scorer import HFScorer
+from opdcli.errors import ConfigError
+from opdcli.learner import Learner, shard
+from opdcli.lm import ResponseLM
+from opdcli.models import LoadedPair
+
+
+@dataclass
+class Parts:
+    learner: Learner | None
+    sampler: HFSampler
+    scorer: HFScorer
+
+    @property
+    def policy(self) -> Any:
+        """The plain transformers model holding the current policy weights (eval, checkpoints)."""
+        return self.sampler.model
+
+
+def check_placement(cfg: Any, d: Dist, rows_per_step: int, stop_rule: bool) -> None:
+    """Refuse layouts the data-parallel step cannot run (before any model loads)."""
+    if not d.active:
+        return
+    if rows_per_step % d.world:
+        raise ConfigError(f"the step's {rows_per_step} sequences (rollout.prompts_per_step x samples_per_prompt) "
+                          f"do not split evenly over {d.world} ranks; make them a multiple of {d.world}")
+    if rows_per_step // d.world < cfg.optim.grad_accum:
+        raise ConfigError(f"optim.grad_accum ({cfg.optim.grad_accum}) exceeds the {rows_per_step // d.world} "
+                          "sequences of each rank; lower it")
+    if stop_rule and cfg.dist.frozen_models == "shard":
+        raise ConfigError("online truncation runs the teacher along each rank's own generation, which a "
+                          "sharded teacher cannot do; set dist.frozen_models=replicate")
+
+
+def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *, reference=None,
+             train: bool = True) -> Parts:
+    """The learner (None when `train` is false), sampler and scorer of a run."""
+    policy = pair.student
+    if train and d.active:  # the sampler's full replica, taken before the learner shards the student
+        policy = copy.deepcopy(pair.student).requires_grad_(False).eval()
+    learner = Learner(pair.student, cfg.optim, d) if train else None
+    teacher, ref = pair.teacher, reference
+    if d.active and cfg.dist.frozen_models == "shard":
+        teacher = shard(ResponseLM(teacher))
+        ref = None if ref is None else shard(ResponseLM(ref))
+    follower = pair.teacher if cfg.dist.frozen_models == "replicate" or not d.active else None
+    sampler = HFSampler(policy, pair.tokenizer, generator=generator, follower=follower)
+    scored_student = learner.module if learner is not None and not d.active else policy
+    scorer = HFScorer(scored_student, teacher, k=cfg.scoring.top_k, chunk_tokens=cfg.scoring.chunk_tokens,
+                      batch_size=cfg.scoring.batch_size, reference=ref)
+    return Parts(learner, sampler, scorer)
+

@@ -1,0 +1,286 @@
+"""The transformers sampling engine (CPU or GPU): a KV-cached decode loop of our own.
+
+Our own loop (rather than `model.generate`) records the sampler's log-prob of each token
+without keeping a (B, T, V) score tensor, and hosts per-token stop rules: a `StopRule` (Prune
+online truncation) is fed the teacher's logits by a follower that runs the teacher along the
+sampled tokens with its own KV cache.
+
+Randomness: a token is drawn as argmax(p / E) with E ~ Exp(1) drawn for the whole decode block
+(exactly what `torch.multinomial(p, 1)` does). With a `RowShard`, a process decodes only its
+rows but draws the noise of the whole block and advances its generator as far as the longest
+row of the block on any process, so N processes sample exactly what one process sampling the
+global batch would.
+
+Typical use:
+    sampler = HFSampler(model, tokenizer, generator=torch.Generator().manual_seed(0))
+    batch = sampler.sample(texts, SamplingParams(n=4, temperature=1.0))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from opdcli.engines.types import GenerationControl, RolloutBatch, RowShard, SamplingParams, StopRule
+
+StopFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(step t, token sampled at t (B), rows for which it is a real token (B), the student's raw
+logits that sampled it (B x V)) -> rows to stop after this token (bool B)."""
+StopFactory = Callable[[torch.Tensor, torch.Tensor], StopFn]
+"""(prompt ids B x P, prompt attention mask B x P) of one generation block -> its StopFn."""
+
+
+def process_logits(logits_B_V: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) filtering; filtered entries are -inf."""
+    logits_B_V = logits_B_V.float() / max(temperature, 1e-8)
+    if top_k > 0 and top_k < logits_B_V.shape[-1]:
+        kth = logits_B_V.topk(top_k, dim=-1).values[..., -1:]
+        logits_B_V = logits_B_V.masked_fill(logits_B_V < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits_B_V.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits_B_V = logits_B_V.masked_fill(drop, float("-inf"))
+    return logits_B_V
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if isinstance(gen, int):
+        ids.add(gen)
+    elif isinstance(gen, list):
+        ids |= set(gen)
+    return sorted(i for i in ids if i is not None)
+
+
+class BlockNoise:
+    """Exp(1) noise of one decode block of `rows` rows, of which this process keeps
+    rows [offset, offset + n)."""
+
+    def __init__(self, generator: torch.Generator | None, rows: int, offset: int, vocab: int,
+                 device: torch.device) -> None:
+        self.generator, self.rows, self.offset, self.vocab, self.device = generator, rows, offset, vocab, device
+        self.draws = 0
+
+    def _draw(self, dtype: torch.dtype) -> torch.Tensor:
+        self.draws += 1
+        q = torch.empty(self.rows, self.vocab, dtype=dtype, device=self.device)
+        return q.exponential_(1, generator=self.generator)
+
+    def sample(self, probs_B_V: torch.Tensor) -> torch.Tensor:
+        """Categorical draw per row (the same stream as torch.multinomial(probs, 1))."""
+        q = self._draw(probs_B_V.dtype)[self.offset : self.offset + probs_B_V.shape[0]]
+        return (probs_B_V / q).argmax(-1)
+
+    def advance_to(self, draws: int, dtype: torch.dtype = torch.float32) -> None:
+        """Discard draws until `draws` steps of this block have been drawn."""
+        while self.draws < draws:
+            self._draw(dtype)
+
+
+@torch.no_grad()
+def _sample_block(model, ids_B_P, am_B_P, params: SamplingParams, eos: torch.Tensor,
+                  pad_id: int, noise: BlockNoise, stop: StopFactory | None):
+    B = ids_B_P.shape[0]
+    device = ids_B_P.device
+    stop_fn = stop(ids_B_P, am_B_P) if stop is not None else None
+    out = model(input_ids=ids_B_P, attention_mask=am_B_P,
+                position_ids=(am_B_P.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    past, logits_B_V = out.past_key_values, out.logits[:, -1]
+    am = am_B_P
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    tokens, lps, masks = [], [], []
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(params.max_new_tokens):
+        if params.temperature == 0:
+            tok_B = logits_B_V.argmax(-1)
+            lp_B = torch.zeros(B, device=device)
+        else:
+            lsm = process_logits(logits_B_V, params.temperature, params.top_p, params.top_k).log_softmax(-1)
+            tok_B = noise.sample(lsm.exp())
+            lp_B = lsm.gather(-1, tok_B[:, None]).squeeze(-1)
+        tok_B = torch.where(active, tok_B, torch.full_like(tok_B, pad_id))
+        tokens.append(tok_B)
+        lps.append(torch.where(active, lp_B, torch.zeros_like(lp_B)))
+        masks.append(active.clone())
+        hit_eos = active & torch.isin(tok_B, eos)
+        finished |= hit_eos
+        active = active & ~hit_eos
+        if stop_fn is not None:
+            active = active & ~stop_fn(t, tok_B, masks[-1], logits_B_V)
+        if not active.any() or t + 1 == params.max_new_tokens:
+            break
+        am = torch.cat([am, active[:, None].to(am.dtype)], dim=1)
+        pos = (am.sum(-1, keepdim=True) - 1).clamp(min=0)
+        out = model(input_ids=tok_B[:, None], attention_mask=am, position_ids=pos,
+                    past_key_values=past, use_cache=True)
+        past, logits_B_V = out.past_key_values, out.logits[:, -1]
+    return torch.stack(tokens, 1), torch.stack(lps, 1), torch.stack(masks, 1), finished
+
+
+def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
+           generator: torch.Generator | None = None, stop: StopFactory | None = None,
+           shard: RowShard | None = None) -> RolloutBatch:
+    """Sample `params.n` responses per prompt text (already chat-rendered).
+
+    With `shard`, `prompt_texts` are the whole batch's prompts and only rows
+    [shard.start, shard.stop) of the n-fold expanded batch are decoded here.
+    """
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                    padding_side="left")
+    ids_P_L = enc["input_ids"].to(device)
+    am_P_L = enc["attention_mask"].to(device)
+    index_all = [p for p in range(len(prompt_texts)) for _ in range(params.n)]
+    shard = shard if shard is not None else RowShard.whole(len(index_all))
+    assert shard.total == len(index_all), f"shard of {shard.total} rows for a batch of {len(index_all)}"
+    reduce_max = shard.reduce_max if shard.reduce_max is not None else (lambda x: x)
+    index_B = index_all[shard.start:shard.stop]
+    ids_B_P, am_B_P = ids_P_L[index_B], am_P_L[index_B]
+    eos = torch.tensor(eos_token_ids(tokenizer, model), device=device)
+    pad_id = tokenizer.pad_token_id
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    was_training = model.training
+    model.eval()
+    blocks, widths = [], []
+    for a in range(0, shard.total, params.batch_size):
+        b_end = min(a + params.batch_size, shard.total)
+        lo, hi = max(a, shard.start), min(b_end, shard.stop)
+        noise = BlockNoise(generator, b_end - a, lo - a, vocab, device)
+        steps = 0
+        if lo < hi:
+            rows = slice(lo - shard.start, hi - shard.start)
+            blk = _sample_block(model, ids_B_P[rows], am_B_P[rows], params, eos, pad_id, noise, stop)
+            blocks.append(blk)
+            steps = blk[0].shape[1]
+        width = reduce_max(steps)  # the longest row of this block on any process
+        if params.temperature != 0:
+            noise.advance_to(width)
+        widths.append(width)
+    model.train(was_training)
+    T = max(widths, default=0)
+
+    def cat(i: int, fill, dtype) -> torch.Tensor:
+        if not blocks:
+            return torch.full((0, T), fill, dtype=dtype, device=device)
+        return torch.cat([torch.nn.functional.pad(blk[i], (0, T - blk[i].shape[1]), value=fill)
+                          for blk in blocks])
+
+    resp_B_T, lp_B_T = cat(0, pad_id, torch.long), cat(1, 0.0, torch.float32)
+    mask_B_T = cat(2, False, torch.bool).long()
+    finished_B = torch.cat([blk[3] for blk in blocks]) if blocks else torch.zeros(0, dtype=torch.bool)
+    return RolloutBatch(
+        input_ids_B_L=torch.cat([ids_B_P, resp_B_T], dim=1),
+        attention_mask_B_L=torch.cat([am_B_P, mask_B_T.to(am_B_P.dtype)], dim=1),
+        prompt_len=ids_B_P.shape[1],
+        response_ids_B_T=resp_B_T,
+        response_mask_B_T=mask_B_T,
+        behavior_lp_B_T=lp_B_T,
+        finished_B=finished_B,
+        prompt_index_B=tuple(index_B),
+        prompt_texts_P=tuple(prompt_texts),
+        version_B=torch.zeros(len(index_B), dtype=torch.long),
+    )
+
+
+class _Follower:
+    """Runs the teacher along one block's sampled tokens and feeds a StopRule (see StopFn)."""
+
+    def __init__(self, teacher, rule: StopRule, ids_B_P: torch.Tensor, am_B_P: torch.Tensor) -> None:
+        self.teacher, self.rule, self.chunk = teacher, rule, max(1, rule.chunk)
+        with torch.no_grad():
+            out = teacher(input_ids=ids_B_P, attention_mask=am_B_P,
+                          position_ids=(am_B_P.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        self.past, self.next_logits_B_V = out.past_key_values, out.logits[:, -1]
+        self.am = am_B_P
+        self.state = rule.open(ids_B_P.shape[0], ids_B_P.device)
+        self.tokens: list[torch.Tensor] = []
+        self.valid: list[torch.Tensor] = []
+        self.student_topk: list[torch.Tensor] = []
+        self.scored_tokens = 0
+
+    def __call__(self, t: int, tok_B: torch.Tensor, valid_B: torch.Tensor, logits_B_V: torch.Tensor) -> torch.Tensor:
+        self.tokens.append(tok_B)
+        self.valid.append(valid_B)
+        if self.rule.student_topk > 0:
+            self.student_topk.append(logits_B_V.topk(self.rule.student_topk, dim=-1).indices)
+        if len(self.tokens) < self.chunk:
+            return torch.zeros_like(valid_B)
+        return self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> torch.Tensor:
+        """Score the pending chunk with the teacher; return the rows to stop now."""
+        tok_B_C = torch.stack(self.tokens, 1)
+        valid_B_C = torch.stack(self.valid, 1)
+        s_ids_B_C_K = torch.stack(self.student_topk, 1) if self.student_topk else None
+        self.tokens, self.valid, self.student_topk = [], [], []
+        self.am = torch.cat([self.am, valid_B_C.to(self.am.dtype)], dim=1)
+        C = tok_B_C.shape[1]
+        pos = (self.am.cumsum(-1) - 1).clamp(min=0)[:, -C:]
+        out = self.teacher(input_ids=tok_B_C, attention_mask=self.am, position_ids=pos,
+                           past_key_values=self.past, use_cache=True)
+        # the teacher distribution of token j comes from the logits before it
+        logits_B_C_V = torch.cat([self.next_logits_B_V[:, None], out.logits[:, :-1]], dim=1)
+        self.past, self.next_logits_B_V = out.past_key_values, out.logits[:, -1]
+        self.scored_tokens += int(valid_B_C.sum())
+        return self.state.update(tok_B_C, s_ids_B_C_K, logits_B_C_V, valid_B_C)
+
+
+class HFSampler:
+    """Sampler on a transformers model (the learner's own module, or a replica kept in sync).
+
+    Args:
+        model: the policy (a transformers causal LM, never a sharded one).
+        tokenizer: its tokenizer.
+        generator: the sampling generator (on the model's device).
+        follower: the teacher that follows generation for stop rules (None: no stop rules).
+    """
+
+    name = "hf"
+    supports_stop_rules = True
+
+    def __init__(self, model, tokenizer, *, generator: torch.Generator | None = None, follower=None) -> None:
+        self.model, self.tokenizer, self.generator, self.follower = model, tokenizer, generator, follower
+        self.version = 0
+
+    def sync_weights(self, state: dict[str, torch.Tensor] | None, version: int) -> None:
+        if state is not None:
+            self.model.load_state_dict(state)
+        self.version = version
+
+    def sample(self, prompt_texts_P: list[str], params: SamplingParams, *,
+               control: GenerationControl | None = None, shard: RowShard | None = None) -> RolloutBatch:
+        if control is not None:
+            params = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                                    top_k=params.top_k, max_new_tokens=control.max_new_tokens,
+                                    batch_size=params.batch_size)
+        rule = control.stop if control is not None else None
+        followers: list[_Follower] = []
+        factory = None
+        if rule is not None:
+            assert self.follower is not None, "a stop rule needs the sampler's follower (the teacher)"
+
+            def factory(ids_B_P: torch.Tensor, am_B_P: torch.Tensor) -> _Follower:
+                followers.append(_Follower(self.follower, rule, ids_B_P, am_B_P))
+                return followers[-1]
+
+        batch = sample(self.model, self.tokenizer, prompt_texts_P, params, generator=self.generator,
+                       stop=factory, shard=shard)
+        stopped = torch.cat([f.state.stopped_B for f in followers]) if followers else None
+        return RolloutBatch(**{**batch.__dict__, "version_B": torch.full_like(batch.version_B, self.version),
+                               "stopped_B": stopped,
+                               "follower_tokens": sum(f.scored_tokens for f in followers)})
+
+
+def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
+    """Response texts without padding and without the EOS token."""
+    texts = []
+    for ids_T, m_T in zip(batch.response_ids_B_T.tolist(), batch.response_mask_B_T.tolist(), strict=True):
+        texts.append(tokenizer.decode([i for i, m in zip(ids_T, m_T, strict=True) if m],
+                                      skip_special_tokens=True))
+    return texts

@@ -1,0 +1,85 @@
+"""The transformers scoring engine: per-token log-probs and top-K of the student, teacher and
+reference on the student's tokens (alignment and chunking: `opdcli.lm`).
+
+Every model is called through `ResponseLM.forward`, so a sharded (FSDP2) teacher or
+reference works as well as a replicated one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opdcli.engines.types import RolloutBatch, ScoredBatch
+from opdcli.lm import as_response_lm, token_stats
+
+
+class HFScorer:
+    """Scores rollouts with transformers models (plain, wrapped in ResponseLM, or sharded).
+
+    Args:
+        student: the policy to score behaviour-free log-probs with (None: do not score it).
+        teacher: the teacher.
+        reference: the reference model of G-OPD, or None.
+        k: top-K kept per token for both models.
+        chunk_tokens: positions per chunk when applying the heads.
+        batch_size: sequences per forward pass.
+    """
+
+    def __init__(self, student, teacher, *, k: int, chunk_tokens: int, batch_size: int,
+                 reference=None) -> None:
+        self.student = None if student is None else as_response_lm(student)
+        self.teacher = None if teacher is None else as_response_lm(teacher)
+        self.reference = None if reference is None else as_response_lm(reference)
+        self.k, self.chunk_tokens, self.batch_size = k, chunk_tokens, batch_size
+
+    def _stats(self, model, batch: RolloutBatch, k: int, cand_ids_B_T_K=None, keep_hidden: bool = False):
+        def compute(h, head):
+            stats = token_stats(h, head, batch.response_ids_B_T, k, self.chunk_tokens, cand_ids_B_T_K)
+            return stats, (h if keep_hidden else None)
+
+        return model(batch, compute=compute)
+
+    @torch.no_grad()
+    def teacher_hidden(self, batch: RolloutBatch) -> torch.Tensor:
+        """The teacher's final hidden states on the response positions, (B, T, H)."""
+        return self.teacher(batch, compute=lambda h, head: h)
+
+    @torch.no_grad()
+    def teacher_logits(self, hidden_B_C_H: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits (float32) on kept hidden states."""
+        return self.teacher(hidden_B_T_H=hidden_B_C_H, compute=lambda h, head: head(h).float())
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch, *, keep_teacher_hidden: bool = False) -> ScoredBatch:
+        """Score the student's samples with student, teacher (and reference), no grad."""
+        assert batch.version_B is not None, "the sampler stamps every row with its policy version"
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for a in range(0, batch.batch_size, self.batch_size):
+            sub = batch.rows(slice(a, a + self.batch_size))
+            s, _ = self._stats(self.student, sub, self.k)
+            t, h_t = self._stats(self.teacher, sub, self.k, s.topk_ids_B_T_K, keep_teacher_hidden)
+            got = {"s_lp": s.lp_B_T, "s_ids": s.topk_ids_B_T_K, "s_top": s.topk_lp_B_T_K, "t_lp": t.lp_B_T,
+                   "t_ids": t.topk_ids_B_T_K, "t_top": t.topk_lp_B_T_K, "t_on_s": t.cand_lp_B_T_K}
+            if h_t is not None:
+                got["t_h"] = h_t
+            if self.reference is not None:
+                got["r_lp"] = self._stats(self.reference, sub, 1)[0].lp_B_T
+            for key, value in got.items():
+                pieces.setdefault(key, []).append(value)
+        cat = {key: torch.cat(v, 0) for key, v in pieces.items()}
+        mask = batch.response_mask_B_T.float()
+        return ScoredBatch(
+            response_ids_B_T=batch.response_ids_B_T, mask_B_T=mask, behavior_lp_B_T=batch.behavior_lp_B_T,
+            student_lp_B_T=cat["s_lp"], teacher_lp_B_T=cat["t_lp"], student_topk_ids_B_T_K=cat["s_ids"],
+            student_topk_lp_B_T_K=cat["s_top"], teacher_topk_ids_B_T_K=cat["t_ids"],
+            teacher_topk_lp_B_T_K=cat["t_top"], teacher_lp_on_student_topk_B_T_K=cat["t_on_s"],
+            version_B=batch.version_B.clone(), ref_lp_B_T=cat.get("r_lp"), teacher_hidden_B_T_H=cat.get("t_h"),
+        )
+
+
+def score_rollouts(student, teacher, batch: RolloutBatch, *, k: int, chunk_tokens: int, batch_size: int,
+                   reference=None, keep_teacher_hidden: bool = False) -> ScoredBatch:
+    """One-shot scoring with an HFScorer (see there)."""
+    scorer = HFScorer(student, teacher, k=k, chunk_tokens=chunk_tokens, batch_size=batch_size,
+                      reference=reference)
+    return scorer.score(batch, keep_teacher_hidden=keep_teacher_hidden)

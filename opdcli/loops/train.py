@@ -1,0 +1,130 @@
+"""`opd train`: synchronous on-policy distillation, on one process or data-parallel.
+
+    opd train --config configs/toy/opd.yaml --set train.max_steps=200
+    torchrun --nproc_per_node 2 $(which opd) train --config configs/toy/opd.yaml
+
+Each step: sample from the student, score with student and teacher, let the method turn
+signals into weights / advantages, run the base objective on the student with grad, take an
+optimizer step, push the new weights to the sampler, log. Held-out evaluation and checkpoints
+run on their cadences. Under torchrun each rank owns an equal, contiguous share of the step's
+sequences; the result equals one process running the same global batch.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from opdcli import dist, stages
+from opdcli.assembly import Parts, assemble, check_placement
+from opdcli.config import TrainRunConfig
+from opdcli.data import PromptSource, heldout_prompts, render
+from opdcli.engines.hf_sampler import HFSampler, decode_responses
+from opdcli.methods import Method, build_method
+from opdcli.models import load_pair, load_reference, load_weights
+from opdcli.objective import objective_loss
+from opdcli.records.rows import write_rollout_records
+from opdcli.run.context import RunContext, open_run, resume_point, setup_process
+from opdcli.run.progress import progress_bar
+from opdcli.run.tracking import timed
+from opdcli.validate import check_sampler, validate_train_config
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    before: dict[str, float]
+    after: dict[str, float]
+    steps: int
+
+
+def step(*, cfg: TrainRunConfig, parts: Parts, method: Method, source: PromptSource, tokenizer,
+         step_idx: int, d: dist.Dist) -> tuple[dict[str, float], tuple]:
+    """One optimizer step. Returns the step's metrics and what rollouts.jsonl needs."""
+    metrics: dict[str, float] = {}
+    prompts = source.next_batch(cfg.rollout.prompts_per_step)
+    # sample: this rank's rows of the student's own responses, under the method's control
+    with timed(metrics, "sample"):
+        control = method.generation_control(cfg.rollout.max_new_tokens, step_idx)
+        rollout = stages.sample(parts.sampler, [render(tokenizer, p) for p in prompts],
+                                stages.sampling_params(cfg.rollout), d, control)
+    # score: student and teacher per-token log-probs and top-K, no grad
+    with timed(metrics, "score"):
+        scored = stages.score(parts.scorer, rollout, cfg.loss.objective)
+    # method: weights and advantages, computed on the global batch
+    with timed(metrics, "method"):
+        rows, whole = stages.gather(rollout, scored, d)
+        out = stages.weigh(method, whole, rows, cfg.loss, step_idx)
+        mine = stages.local_rows(out, d)
+    # train: the only forward with grad, over grad_accum micro-batches, one global normaliser
+    with timed(metrics, "train"):
+        def micro_loss(sl: slice, normalizer: float):
+            adv = None if mine.advantages_B_T is None else mine.advantages_B_T[sl]
+            return objective_loss(parts.learner.module, rollout.rows(sl), scored.rows(sl), mine.weights_B_T[sl],
+                                  adv, cfg.loss, normalizer, cfg.scoring.chunk_tokens, parts.scorer.teacher_logits)
+
+        trained = float(((mine.weights_B_T > 0) & (scored.mask_B_T > 0)).sum())
+        tokens = float(scored.mask_B_T.sum())
+        metrics |= stages.train_on(rollout.batch_size, tokens, cfg.optim.grad_accum, micro_loss, d)
+        metrics["train/tokens_trained"] = d.sum(trained)
+        metrics |= parts.learner.step(cfg.optim, step_idx, cfg.train.max_steps)
+        parts.sampler.sync_weights(parts.learner.full_weights(), step_idx + 1)
+    metrics |= stages.batch_signals(whole, rows.finished_B) | out.metrics
+    return metrics, (prompts, rows, whole, out)
+
+
+def run_train(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | None = None) -> TrainResult:
+    """Set up, loop, evaluate, checkpoint. See the module docstring."""
+    validate_train_config(cfg, explicit)
+    d = dist.init(cfg.run.device, cfg.dist.backend)
+    try:
+        return _run(cfg, argv or sys.argv, d)
+    finally:
+        dist.shutdown(d)
+
+
+def _run(cfg: TrainRunConfig, argv: list[str], d: dist.Dist) -> TrainResult:
+    setup_process(cfg.run)
+    method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
+    method.check_scoring(cfg.scoring.top_k)
+    check_sampler(HFSampler, method)
+    check_placement(cfg, d, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
+                    method.stop_rule() is not None)
+    source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
+    heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
+    ckpt = resume_point(cfg)
+    m = cfg.model
+    pair = load_pair(m.student, m.teacher, dist.device_for(cfg.run.device, d), cfg.run.dtype,
+                     trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
+    if ckpt is not None:
+        load_weights(pair.student, ckpt)
+    method.attach(pair.tokenizer)
+    reference = load_reference(method.reference_model(m.student), pair, m.student,
+                               trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
+    parts = assemble(cfg, pair, d, torch.Generator(device=pair.device), reference=reference)
+    ctx: RunContext = open_run(cfg, argv, d, eval_model=parts.policy, tokenizer=pair.tokenizer,
+                               device=pair.device, dtype=pair.dtype, source=source, heldout=heldout,
+                               learner=parts.learner, method=method)
+    parts.sampler.generator = ctx.generator
+    parts.sampler.sync_weights(None, ctx.state.step)
+    before = ctx.evaluate()
+    ctx.log_eval(ctx.state.step, before, "before")
+    with progress_bar(cfg.train.max_steps, ctx.state.step, "opd train", show=d.is_main) as bar:
+        for step_idx in range(ctx.state.step, cfg.train.max_steps):
+            metrics, logged = step(cfg=cfg, parts=parts, method=method, source=source, tokenizer=pair.tokenizer,
+                                   step_idx=step_idx, d=d)
+            if cfg.train.rollouts_every and step_idx % cfg.train.rollouts_every == 0 and d.is_main:
+                with timed(metrics, "log_rollouts"):
+                    prompts, rows, whole, out = logged
+                    write_rollout_records(ctx.rollouts, ctx.run_id, step_idx, prompts, rows, whole, out,
+                                          decode_responses(pair.tokenizer, rows), method.name,
+                                          cfg.train.rollouts_topk)
+            ctx.periodic(step_idx, metrics, parts.learner, method)
+            bar.advance(metrics)
+    after = ctx.evaluate()
+    ctx.log_eval(ctx.state.step, after, "after")
+    ctx.save(parts.learner, method, final=True)
+    ctx.close()
+    return TrainResult(str(ctx.run_dir), before, after, ctx.state.step)

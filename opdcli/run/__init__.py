@@ -1,0 +1,1 @@
+"""A run's life outside the step: run directory, checkpoints, tracking, progress, held-out evaluation."""

@@ -1,0 +1,149 @@
+"""The run directory and what every training command writes into it.
+
+open_run creates (or resumes) run_dir, writes config.yaml (resolved), command.txt and
+environment.json, opens metrics.jsonl and rollouts.jsonl, and restores the trainer state
+when run.resume is set. Under torchrun only the main rank writes, evaluates and logs; every
+rank takes part in the collectives of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdcli import __version__
+from opdcli.config import dump_config
+from opdcli.dist import Dist
+from opdcli.errors import ConfigError
+from opdcli.records import RolloutWriter
+from opdcli.run.checkpoint import TrainState, load_trainer_state, resolve_resume, save_checkpoint
+from opdcli.run.progress import console
+from opdcli.run.tracking import MetricsLogger, timed
+
+
+@dataclass
+class RunContext:
+    """A run's files, resumable state and the model its held-out evaluation samples from."""
+
+    run_dir: Path
+    run_id: str
+    cfg: Any
+    d: Dist
+    eval_model: Any
+    """A plain transformers model with the learner's current weights (the sampler's)."""
+    tokenizer: Any
+    source: Any
+    metrics: MetricsLogger | None
+    rollouts: RolloutWriter | None
+    state: TrainState
+    generator: torch.Generator
+    heldout: list[Any] | None
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy held-out accuracy of the student (main rank; empty elsewhere or without a set)."""
+        if self.heldout is None or not self.d.is_main:
+            return {}
+        from opdcli.run.heldout import heldout_accuracy
+
+        tokens = self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens
+        return heldout_accuracy(self.eval_model, self.tokenizer, self.heldout, tokens, self.cfg.eval.batch_size)
+
+    def periodic(self, step_idx: int, metrics: dict[str, float], learner: Any, method: Any) -> None:
+        """After an optimizer step: bookkeeping, cadenced eval, logging and checkpoints."""
+        self.state.step, self.state.prompt_position = step_idx + 1, self.source.position
+        every, done = self.cfg.eval.every, step_idx + 1
+        if every and done % every == 0 and done < self.cfg.train.max_steps:
+            with timed(metrics, "eval"):
+                metrics |= self.evaluate()
+        if self.metrics is not None:
+            self.metrics.log(done, metrics)
+        if self.cfg.train.save_every and done % self.cfg.train.save_every == 0:
+            self.save(learner, method)
+
+    def log_eval(self, step: int, values: dict[str, float], label: str) -> None:
+        if not values or self.metrics is None:
+            return
+        self.metrics.log(step, {k.replace("eval/", f"eval_{label}/", 1): v for k, v in values.items()})
+        acc = next((v for k, v in values.items() if k.endswith("/accuracy")), None)
+        if acc is not None:
+            console.print(f"[bold]held-out accuracy {label}[/bold] (step {step}): {100 * acc:.1f}%")
+
+    def save(self, learner: Any, method: Any, final: bool = False) -> Path | None:
+        """Checkpoint (a collective under torchrun; the main rank writes)."""
+        weights, optimizer_state = learner.checkpoint_state()
+        if not self.d.is_main:
+            return None
+        self.state.method = method.state_dict() if method is not None else {}
+        self.state.generator = self.generator.get_state()
+        return save_checkpoint(self.run_dir, self.eval_model, self.tokenizer, optimizer_state, self.state,
+                               keep=self.cfg.train.keep_checkpoints, final=final, weights=weights)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.rollouts is not None:
+            self.rollouts.close()
+
+
+def resume_point(cfg: Any) -> Path | None:
+    """The checkpoint run.resume names (checked before any model loads), or None."""
+    return None if cfg.run.resume is None else resolve_resume(cfg.run.resume)
+
+
+def open_run(cfg: Any, argv: list[str], d: Dist, *, eval_model: Any, tokenizer: Any, device: torch.device,
+             dtype: torch.dtype, source: Any, heldout: list[Any] | None, learner: Any = None, method: Any = None,
+             write_rollouts: bool = True) -> RunContext:
+    """Prepare the run directory and restore a resumed run's trainer state (weights are the caller's)."""
+    run_dir = Path(cfg.run.out_dir).expanduser()
+    state = TrainState()
+    ckpt = resume_point(cfg)
+    if ckpt is not None:
+        state = load_trainer_state(ckpt, learner.load_optimizer_state)
+        source.skip_to(state.prompt_position)
+        if method is not None:
+            method.load_state_dict(state.method)
+        if d.is_main:
+            console.print(f"resuming from {ckpt} at step {state.step}")
+    elif (run_dir / "metrics.jsonl").exists() and not cfg.run.overwrite:
+        raise ConfigError(
+            f"run directory '{run_dir}' already holds a run; pick a new run.out_dir, "
+            "resume it with --set run.resume=<dir>, or pass --set run.overwrite=true"
+        )
+    d.barrier()  # every rank has checked the directory before the main rank changes it
+    metrics = rollouts = None
+    if d.is_main:
+        if ckpt is None and (run_dir / "metrics.jsonl").exists():
+            for name in ("metrics.jsonl", "rollouts.jsonl"):
+                (run_dir / name).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        (run_dir / "command.txt").write_text(shlex.join(argv) + "\n", encoding="utf-8")
+        env = {"opd": __version__, "torch": torch.__version__, "python": platform.python_version(),
+               "device": str(device), "dtype": str(dtype), "world_size": d.world,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
+        rollouts = RolloutWriter(run_dir / "rollouts.jsonl") if write_rollouts else None
+        metrics = MetricsLogger(run_dir, cfg.train.tensorboard)
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
+    if state.generator is not None:
+        generator.set_state(state.generator)
+    return RunContext(run_dir, uuid.uuid4().hex[:12], cfg, d, eval_model, tokenizer, source, metrics,
+                      rollouts, state, generator, heldout)
+
+
+def setup_process(run: Any) -> None:
+    """Seed python and torch, and set the CPU thread count, before anything else runs."""
+    import random
+
+    random.seed(run.seed)
+    torch.manual_seed(run.seed)
+    if run.threads > 0:
+        torch.set_num_threads(run.threads)

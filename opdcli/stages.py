@@ -1,0 +1,173 @@
+"""The stages of one on-policy step, as functions over frozen records:
+
+    sample -> score -> gather (the global batch, for the method) -> weigh -> train_on -> signals
+
+`opd train`, `opd rollout` and `opd distill` (and later loops) are short loops over these.
+Data-parallel ranks each sample, score and train their own rows; the method sees the
+global batch (every rank computes the same weights, so batch-level statistics such as the
+Prune budget or the TOPD threshold equal those of one process), and the loss normaliser is
+the token count over all ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from opdcli.config import LossConfig, RolloutConfig
+from opdcli.dist import Dist
+from opdcli.engines.types import (
+    GenerationControl,
+    RolloutBatch,
+    RowShard,
+    Sampler,
+    SamplingParams,
+    ScoredBatch,
+    Scorer,
+)
+from opdcli.methods.base import Method, MethodOutput
+from opdcli.signals import masked_mean, sampled_advantage, topk_overlap
+
+
+def sampling_params(r: RolloutConfig, max_new_tokens: int | None = None) -> SamplingParams:
+    """The rollout config's sampling settings (one place that builds them)."""
+    return SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_new_tokens=r.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                          batch_size=r.batch_size)
+
+
+def row_shard(d: Dist, rows: int) -> RowShard:
+    """This rank's rows of a `rows`-row batch (all rows alone)."""
+    if not d.active:
+        return RowShard.whole(rows)
+    start, stop = d.shard(rows)
+    return RowShard(start, stop, rows, reduce_max=d.max)
+
+
+def sample(sampler: Sampler, prompt_texts_P: list[str], params: SamplingParams, d: Dist,
+           control: GenerationControl | None = None) -> RolloutBatch:
+    """This rank's rows of the step's rollout (the prompts are the whole step's)."""
+    return sampler.sample(prompt_texts_P, params, control=control,
+                          shard=row_shard(d, len(prompt_texts_P) * params.n))
+
+
+def score(scorer: Scorer, rollout: RolloutBatch, objective: str) -> ScoredBatch:
+    from opdcli.objective import FULL_DISTRIBUTION
+
+    return scorer.score(rollout, keep_teacher_hidden=objective in FULL_DISTRIBUTION)
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """What the global batch's records need beyond the scores (rows of every rank)."""
+
+    prompt_index_B: tuple[int, ...]
+    prompt_texts_P: tuple[str, ...]
+    finished_B: torch.Tensor
+    response_ids_B_T: torch.Tensor
+    response_mask_B_T: torch.Tensor
+    stopped_B: torch.Tensor | None
+    follower_tokens: float
+
+
+def gather(rollout: RolloutBatch, scored: ScoredBatch, d: Dist) -> tuple[StepRows, ScoredBatch]:
+    """The global batch: every rank's rows in rank order (the kept teacher hidden stays local)."""
+    fields = {f.name: getattr(scored, f.name) for f in dataclasses.fields(scored)}
+    fields["teacher_hidden_B_T_H"] = None
+    whole = ScoredBatch(**{k: None if v is None else d.gather_rows(v) for k, v in fields.items()})
+    n = len(rollout.prompt_texts_P)
+    per = whole.mask_B_T.shape[0] // max(1, n)
+    rows = StepRows(
+        prompt_index_B=tuple(p for p in range(n) for _ in range(per)) if d.active else rollout.prompt_index_B,
+        prompt_texts_P=rollout.prompt_texts_P, finished_B=d.gather_rows(rollout.finished_B),
+        response_ids_B_T=whole.response_ids_B_T, response_mask_B_T=d.gather_rows(rollout.response_mask_B_T),
+        stopped_B=None if rollout.stopped_B is None else d.gather_rows(rollout.stopped_B),
+        follower_tokens=d.sum(float(rollout.follower_tokens)))
+    return rows, whole
+
+
+def weigh(method: Method, scored: ScoredBatch, rows: StepRows, loss: LossConfig, step: int) -> MethodOutput:
+    """The method's weights and advantages on the global batch (default: the sampled advantage)."""
+    advantages_B_T = sampled_advantage(scored.teacher_lp_B_T, scored.student_lp_B_T, scored.mask_B_T,
+                                       loss.kl_coef, loss.discount)
+    out = method.apply(scored, advantages_B_T, step)
+    if out.advantages_B_T is None:
+        out.advantages_B_T = advantages_B_T
+    assert bool((out.weights_B_T >= 0).all()), f"method {method.name} produced negative weights"
+    if rows.stopped_B is not None:  # a stop rule ran during sampling
+        p = f"method/{method.name}/"
+        out.metrics[p + "online_stopped_frac"] = float(rows.stopped_B.float().mean()) if rows.stopped_B.numel() else 0.0
+        out.metrics[p + "online_teacher_tokens"] = rows.follower_tokens
+    return out
+
+
+def local_rows(out: MethodOutput, d: Dist) -> MethodOutput:
+    """This rank's rows of the method's global output."""
+    if not d.active:
+        return out
+    start, stop = d.shard(out.weights_B_T.shape[0])
+    adv = out.advantages_B_T
+    return MethodOutput(weights_B_T=out.weights_B_T[start:stop],
+                        advantages_B_T=None if adv is None else adv[start:stop])
+
+
+MicroLoss = Callable[[slice, float], tuple[torch.Tensor, dict[str, float]]]
+"""(rows of the micro-batch, the step's global token normaliser) -> (loss, metrics)."""
+
+
+def train_on(rows: int, tokens: float, micro_batches: int, micro_loss: MicroLoss, d: Dist) -> dict[str, float]:
+    """Forward and backward over `micro_batches` slices of this rank's `rows` rows.
+
+    `tokens` is this rank's count of trained tokens; the normaliser is their sum over ranks,
+    so the gradients summed over micro-batches and ranks are those of the step's token-mean
+    loss. Under FSDP the gradient reduction averages over ranks, hence the world-size factor.
+    Returns loss/total (the global loss) and the micro-batch-averaged loss metrics.
+    """
+    normalizer = max(1.0, d.sum(tokens))
+    size = -(-rows // micro_batches)
+    total, parts = 0.0, []
+    for a in range(0, rows, size):
+        loss, metrics = micro_loss(slice(a, a + size), normalizer)
+        (loss * d.world if d.active else loss).backward()
+        total += float(loss.detach())
+        parts.append(metrics)
+    out = {k: sum(m[k] for m in parts) / len(parts) for k in parts[0]} if parts else {}
+    out = reduce_loss_metrics(out, tokens, d)
+    out["loss/total"] = d.sum(total)
+    return out
+
+
+SUMMED = frozenset({"loss/pg", "loss/topk_pg", "loss/rkl", "loss/fkl", "loss/jsd", "loss/tokens"})
+"""Loss metrics that are each rank's share of a global sum (divided by the global normaliser)."""
+
+
+def reduce_loss_metrics(metrics: dict[str, float], tokens: float, d: Dist) -> dict[str, float]:
+    """Combine ranks' loss metrics: shares are summed, maxima maxed, means token-weighted."""
+    if not d.active:
+        return metrics
+    keys = sorted(metrics)
+    summed = d.sums({k: metrics[k] if k in SUMMED else metrics[k] * tokens for k in keys} | {"_tokens": tokens})
+    out = {k: summed[k] if k in SUMMED else summed[k] / max(1.0, summed["_tokens"]) for k in keys}
+    for k in keys:
+        if k.endswith("_max"):
+            out[k] = d.fmax(metrics[k])
+    return out
+
+
+def batch_signals(scored: ScoredBatch, finished_B: torch.Tensor) -> dict[str, float]:
+    """The step's per-token signals and rollout lengths (on the global batch)."""
+    m = scored.mask_B_T
+    r = scored.teacher_lp_B_T - scored.student_lp_B_T
+    overlap = topk_overlap(scored.student_topk_ids_B_T_K, scored.teacher_topk_ids_B_T_K)
+    return {
+        "signal/teacher_kl": float(masked_mean(-r, m)),
+        "signal/teacher_lp": float(masked_mean(scored.teacher_lp_B_T, m)),
+        "signal/student_lp": float(masked_mean(scored.student_lp_B_T, m)),
+        "signal/topk_overlap": float(masked_mean(overlap, m)),
+        "rollout/response_len": float(m.sum(-1).mean()),
+        "rollout/finished_rate": float(finished_B.float().mean()),
+        "rollout/tokens": float(m.sum()),
+    }

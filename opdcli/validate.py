@@ -1,0 +1,77 @@
+"""Cross-field config rules of the training commands; a flag that cannot take effect raises."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from opdcli.config import TrainRunConfig
+from opdcli.errors import ConfigError
+from opdcli.records.schema import MAX_TOPK
+
+
+def _refuse(explicit: set[str], keys: list[str], reason: str) -> None:
+    for key in keys:
+        if key in explicit:
+            raise ConfigError(f"{key} cannot take effect: {reason}; remove it or change the objective")
+
+
+def validate_train_config(cfg: TrainRunConfig, explicit: set[str]) -> None:
+    """Cross-field rules; a flag that cannot take effect raises."""
+    obj = cfg.loss.objective
+    if not 1 <= cfg.scoring.top_k <= MAX_TOPK:
+        raise ConfigError(f"scoring.top_k is {cfg.scoring.top_k}; it must be in 1..{MAX_TOPK}")
+    if cfg.train.rollouts_topk > cfg.scoring.top_k:
+        raise ConfigError(f"train.rollouts_topk ({cfg.train.rollouts_topk}) exceeds scoring.top_k "
+                          f"({cfg.scoring.top_k}); lower it or raise scoring.top_k")
+    if obj in ("rkl", "fkl", "jsd"):
+        _refuse(explicit, ["loss.surrogate", "loss.clip_low", "loss.clip_high", "loss.kl_coef",
+                           "loss.discount", "loss.topk_weight"],
+                f"loss.objective={obj} is differentiated analytically, not by a policy gradient")
+    else:
+        _refuse(explicit, ["loss.support", "loss.support_k", "loss.tail_bucket"],
+                f"loss.objective={obj} has no distribution support (use rkl, fkl or jsd)")
+    if obj != "jsd":
+        _refuse(explicit, ["loss.beta", "loss.jsd_temperature"], "only loss.objective=jsd uses it")
+    if obj == "topk":
+        _refuse(explicit, ["loss.kl_coef", "loss.discount", "loss.surrogate"],
+                "the top-K objective builds its own per-candidate advantages with a PPO clip")
+    if obj == "sampled":
+        _refuse(explicit, ["loss.topk_weight"], "only loss.objective=topk weighs candidates")
+        if cfg.loss.surrogate != "ppo":
+            _refuse(explicit, ["loss.clip_low", "loss.clip_high"], "only loss.surrogate=ppo clips")
+    if cfg.loss.support == "full":
+        _refuse(explicit, ["loss.support_k", "loss.tail_bucket"], "loss.support=full has no top-K")
+    if not 0.0 <= cfg.loss.discount <= 1.0:
+        raise ConfigError(f"loss.discount is {cfg.loss.discount}; it must be in [0, 1]")
+    if not 0.0 <= cfg.loss.beta <= 1.0:
+        raise ConfigError(f"loss.beta is {cfg.loss.beta}; it must be in [0, 1]")
+    validate_common(cfg, explicit)
+    if (cfg.rollout.top_p < 1 or cfg.rollout.top_k > 0 or cfg.rollout.temperature != 1.0) and obj != "sampled":
+        warnings.warn(f"rollouts are not sampled from the student itself (temperature/top-p/top-k) and "
+                      f"loss.objective={obj} has no importance ratio: the gradient is biased", stacklevel=2)
+
+
+def validate_common(cfg: Any, explicit: set[str]) -> None:
+    r = cfg.rollout
+    for key, value in (("rollout.prompts_per_step", r.prompts_per_step), ("rollout.samples_per_prompt",
+                       r.samples_per_prompt), ("rollout.max_new_tokens", r.max_new_tokens),
+                       ("rollout.batch_size", r.batch_size), ("train.max_steps", cfg.train.max_steps),
+                       ("optim.grad_accum", cfg.optim.grad_accum)):
+        if value < 1:
+            raise ConfigError(f"{key} is {value}; it must be at least 1")
+    if r.temperature < 0 or not 0 < r.top_p <= 1:
+        raise ConfigError("rollout.temperature must be >= 0 and rollout.top_p in (0, 1]")
+    if cfg.optim.grad_accum > r.prompts_per_step * r.samples_per_prompt:
+        raise ConfigError(f"optim.grad_accum ({cfg.optim.grad_accum}) exceeds the sequences per step "
+                          f"({r.prompts_per_step * r.samples_per_prompt}); lower it")
+    if cfg.data.source != "toy":
+        _refuse(explicit, [k for k in explicit if k.startswith("data.toy.")],
+                "data.toy.* only applies to data.source=toy")
+
+
+def check_sampler(sampler: Any, method: Any) -> None:
+    """Refuse, before any model loads, a method whose per-token stop the sampler cannot host."""
+    if method.stop_rule() is not None and not sampler.supports_stop_rules:
+        raise ConfigError(f"method '{method.name}' stops rows during sampling (online truncation), which the "
+                          f"{sampler.name} rollout engine cannot do; set method.options.online=false")
