@@ -222,6 +222,7 @@ def toy_build(
         import torch
 
         from opdcli.errors import ConfigError
+        from opdcli.loops.distill import run_distill
         from opdcli.loops.toy_build import TOY_SPECS, build_toy_model
         from opdcli.models import TOY_WEIGHTS
 
@@ -233,7 +234,7 @@ def toy_build(
         root = out or TOY_WEIGHTS
         for name in names:
             start = time.perf_counter()
-            metrics = build_toy_model(TOY_SPECS[name], root / name, seed=seed, steps=steps)
+            metrics = build_toy_model(TOY_SPECS[name], root / name, distill=run_distill, seed=seed, steps=steps)
             acc = metrics.get("eval/heldout/accuracy", float("nan"))
             typer.echo(f"{name}: held-out accuracy {100 * acc:.1f}% in {time.perf_counter() - start:.0f} s "
                        f"-> {root / name}")

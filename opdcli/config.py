@@ -25,6 +25,12 @@ T = TypeVar("T")
 
 # ----------------------------------------------------------------------------------- pieces
 
+ObjectiveName = Literal["sampled", "topk", "rkl", "fkl", "jsd"]
+OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
+"""The base objectives (methods.md §1), in one place."""
+FULL_DISTRIBUTION = frozenset({"rkl", "fkl", "jsd"})
+"""Objectives differentiated analytically over the teacher's full distribution."""
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -135,7 +141,7 @@ class ScoringConfig:
 class LossConfig:
     """The base objective (methods.md §1)."""
 
-    objective: Literal["sampled", "topk", "rkl", "fkl", "jsd"] = "sampled"
+    objective: ObjectiveName = "sampled"
     """sampled: Variant A, topk: Variant B, rkl: C, fkl: D, jsd: E."""
     surrogate: Literal["is", "ppo", "pg"] = "is"
     """Policy-gradient surrogate for sampled / topk."""

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from opdcli.errors import ConfigError
+from opdcli.signals import masked_mean
 
 Surrogate = Literal["is", "ppo", "pg"]
 WeightMode = Literal["student_p", "teacher_p", "none"]
@@ -101,8 +102,7 @@ def _check_clip(clip_low: float, clip_high: float) -> None:
 
 def _masked_mean(x_B_T: torch.Tensor, valid_B_T: torch.Tensor) -> float:
     """Unweighted mean over valid positions as a python float (0.0 when none is valid)."""
-    x = torch.where(valid_B_T, x_B_T.detach(), 0.0)
-    return (x.sum() / valid_B_T.sum().clamp_min(1)).item()
+    return float(masked_mean(x_B_T.detach(), valid_B_T))
 
 
 def token_mean(

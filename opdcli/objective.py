@@ -18,9 +18,6 @@ from opdcli.config import LossConfig
 from opdcli.engines.types import RolloutBatch, ScoredBatch
 from opdcli.lm import as_response_lm, map_chunks, token_stats
 
-FULL_DISTRIBUTION = frozenset({"rkl", "fkl", "jsd"})
-"""Objectives that need the teacher's full distribution (its hidden states are kept)."""
-
 TeacherLogits = Callable[[torch.Tensor], torch.Tensor]
 """Teacher hidden states (B, C, H) -> teacher logits (B, C, V), float32, no grad."""
 

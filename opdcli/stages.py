@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opdcli.config import LossConfig, RolloutConfig
+from opdcli.config import FULL_DISTRIBUTION, LossConfig, RolloutConfig
 from opdcli.dist import Dist
 from opdcli.engines.types import (
     GenerationControl,
@@ -55,8 +55,7 @@ def sample(sampler: Sampler, prompt_texts_P: list[str], params: SamplingParams, 
 
 
 def score(scorer: Scorer, rollout: RolloutBatch, objective: str) -> ScoredBatch:
-    from opdcli.objective import FULL_DISTRIBUTION
-
+    """Scores of this rank's rows (teacher hidden states kept for full-distribution objectives)."""
     return scorer.score(rollout, keep_teacher_hidden=objective in FULL_DISTRIBUTION)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from opdcli.config import TrainRunConfig
+from opdcli.config import FULL_DISTRIBUTION, TrainRunConfig
 from opdcli.errors import ConfigError
 from opdcli.records.schema import MAX_TOPK
 
@@ -24,7 +24,7 @@ def validate_train_config(cfg: TrainRunConfig, explicit: set[str]) -> None:
     if cfg.train.rollouts_topk > cfg.scoring.top_k:
         raise ConfigError(f"train.rollouts_topk ({cfg.train.rollouts_topk}) exceeds scoring.top_k "
                           f"({cfg.scoring.top_k}); lower it or raise scoring.top_k")
-    if obj in ("rkl", "fkl", "jsd"):
+    if obj in FULL_DISTRIBUTION:
         _refuse(explicit, ["loss.surrogate", "loss.clip_low", "loss.clip_high", "loss.kl_coef",
                            "loss.discount", "loss.topk_weight"],
                 f"loss.objective={obj} is differentiated analytically, not by a policy gradient")

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,11 +88,10 @@ def init_model(tokenizer, hidden: int, layers: int, seed: int):
     return model
 
 
-def build_toy_model(spec: ToyModelSpec, out_dir: Path, *, seed: int = 0, steps: int | None = None,
+def build_toy_model(spec: ToyModelSpec, out_dir: Path, *, distill: Any, seed: int = 0, steps: int | None = None,
                     eval_size: int = 256, weights_root: Path | None = None) -> dict[str, float]:
-    """Initialise, SFT on gold solutions via run_distill, and save to out_dir. Returns held-out metrics."""
-    from opdcli.loops.distill import run_distill
-
+    """Initialise, SFT on gold solutions with `distill` (the CLI passes loops.distill.run_distill),
+    and save to out_dir. Returns held-out metrics."""
     tok = build_toy_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         init_dir, run_dir = Path(tmp) / "init", Path(tmp) / "run"
@@ -118,7 +118,7 @@ def build_toy_model(spec: ToyModelSpec, out_dir: Path, *, seed: int = 0, steps: 
             train=TrainConfig(max_steps=n_steps, keep_checkpoints=1),
             eval=EvalConfig(every=0, size=eval_size),
         )
-        result = run_distill(cfg, explicit=set(), argv=["opd", "toy", "build", spec.name])
+        result = distill(cfg, explicit=set(), argv=["opd", "toy", "build", spec.name])
         final = Path(result.run_dir) / "checkpoints" / f"step_{n_steps}"
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.parent.mkdir(parents=True, exist_ok=True)

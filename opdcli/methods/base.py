@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from opdcli.config import LossConfig, build_dataclass
+from opdcli.config import OBJECTIVES, LossConfig, build_dataclass
 from opdcli.engines.types import GenerationControl, ScoredBatch, StopRule
 from opdcli.errors import ConfigError, MethodNotFoundError
 
@@ -44,7 +44,7 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type] = object
-    objectives: ClassVar[frozenset[str]] = frozenset({"sampled", "topk", "rkl", "fkl", "jsd"})
+    objectives: ClassVar[frozenset[str]] = frozenset(OBJECTIVES)
     """Base objectives this method composes with; others are refused at load time."""
 
     def __init__(self, cfg: Any, loss: LossConfig) -> None:

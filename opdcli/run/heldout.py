@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from opdcli.data import Prompt, render
-from opdcli.engines.hf_sampler import decode_responses, sample
+from opdcli.engines.hf_sampler import HFSampler, decode_responses
 from opdcli.engines.types import SamplingParams
 from opdcli.grading import grade, last_boxed, strip_thinking
 
@@ -19,7 +19,7 @@ def heldout_accuracy(model, tokenizer, prompts: list[Prompt], max_new_tokens: in
     """Accuracy, no-answer rate, truncation rate and mean response length (tokens)."""
     texts = [render(tokenizer, p) for p in prompts]
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    batch = sample(model, tokenizer, texts, params)
+    batch = HFSampler(model, tokenizer).sample(texts, params)
     responses = decode_responses(tokenizer, batch)
     correct = [grade(r, p.answer or "") for r, p in zip(responses, prompts, strict=True)]
     no_answer = [last_boxed(strip_thinking(r)) is None for r in responses]
