@@ -38,29 +38,22 @@ class Dist:
         per = total // self.world
         return self.rank * per, (self.rank + 1) * per
 
+    def _reduce(self, value, dtype: torch.dtype, op):
+        t = torch.tensor([value], dtype=dtype, device=self._device())
+        tdist.all_reduce(t, op=op)
+        return t.item()
+
     def sum(self, value: float) -> float:
         """Sum of a float over ranks (in float64)."""
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._device())
-        tdist.all_reduce(t)
-        return float(t.item())
+        return float(self._reduce(value, torch.float64, tdist.ReduceOp.SUM)) if self.active else value
 
     def max(self, value: int) -> int:
         """Largest integer over ranks."""
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.long, device=self._device())
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        return int(t.item())
+        return int(self._reduce(value, torch.long, tdist.ReduceOp.MAX)) if self.active else value
 
     def fmax(self, value: float) -> float:
         """Largest float over ranks."""
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._device())
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        return float(t.item())
+        return float(self._reduce(value, torch.float64, tdist.ReduceOp.MAX)) if self.active else value
 
     def sums(self, values: dict[str, float]) -> dict[str, float]:
         """Sum each value over ranks in one collective (same keys on every rank)."""

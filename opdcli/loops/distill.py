@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -37,18 +36,10 @@ from opdcli.models import (
     resolve_dtype,
 )
 from opdcli.objective import chunked_logit_loss
-from opdcli.run.context import open_run, resume_point, setup_process
+from opdcli.run.context import RunResult, open_run, resume_point, setup_process
 from opdcli.run.progress import progress_bar
 from opdcli.run.tracking import timed
 from opdcli.validate import validate_common
-
-
-@dataclass
-class DistillResult:
-    run_dir: str
-    before: dict[str, float]
-    after: dict[str, float]
-    steps: int
 
 
 def gold_batch(tokenizer, prompts: list[Prompt], device: torch.device) -> RolloutBatch:
@@ -119,7 +110,7 @@ def _load(cfg: DistillRunConfig, device: str) -> LoadedPair:
     return LoadedPair(student, None, load_tokenizer(m.student), dev, dtype)
 
 
-def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | None = None) -> DistillResult:
+def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | None = None) -> RunResult:
     validate_common(cfg, explicit)
     if cfg.distill.traces == "gold":
         for key in ("rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.samples_per_prompt"):
@@ -135,7 +126,7 @@ def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | Non
         dist.shutdown(d)
 
 
-def _run(cfg: DistillRunConfig, argv: list[str], d: Dist) -> DistillResult:
+def _run(cfg: DistillRunConfig, argv: list[str], d: Dist) -> RunResult:
     setup_process(cfg.run)
     n_seq = cfg.rollout.prompts_per_step * (cfg.rollout.samples_per_prompt if cfg.distill.traces == "teacher" else 1)
     if d.active and n_seq % d.world:
@@ -183,4 +174,4 @@ def _run(cfg: DistillRunConfig, argv: list[str], d: Dist) -> DistillResult:
     ctx.log_eval(ctx.state.step, after, "after")
     ctx.save(learner, None, final=True)
     ctx.close()
-    return DistillResult(str(ctx.run_dir), before, after, ctx.state.step)
+    return RunResult(str(ctx.run_dir), before, after, ctx.state.step)

@@ -13,7 +13,6 @@ sequences; the result equals one process running the same global batch.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import torch
 
@@ -26,18 +25,10 @@ from opdcli.methods import Method, build_method
 from opdcli.models import load_pair, load_reference, load_weights
 from opdcli.objective import objective_loss
 from opdcli.records.rows import write_rollout_records
-from opdcli.run.context import RunContext, open_run, resume_point, setup_process
+from opdcli.run.context import RunContext, RunResult, open_run, resume_point, setup_process
 from opdcli.run.progress import progress_bar
 from opdcli.run.tracking import timed
 from opdcli.validate import check_sampler, validate_train_config
-
-
-@dataclass
-class TrainResult:
-    run_dir: str
-    before: dict[str, float]
-    after: dict[str, float]
-    steps: int
 
 
 def step(*, cfg: TrainRunConfig, parts: Parts, method: Method, source: PromptSource, tokenizer,
@@ -75,7 +66,7 @@ def step(*, cfg: TrainRunConfig, parts: Parts, method: Method, source: PromptSou
     return metrics, (prompts, rows, whole, out)
 
 
-def run_train(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | None = None) -> TrainResult:
+def run_train(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | None = None) -> RunResult:
     """Set up, loop, evaluate, checkpoint. See the module docstring."""
     validate_train_config(cfg, explicit)
     d = dist.init(cfg.run.device, cfg.dist.backend)
@@ -85,7 +76,7 @@ def run_train(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | None = 
         dist.shutdown(d)
 
 
-def _run(cfg: TrainRunConfig, argv: list[str], d: dist.Dist) -> TrainResult:
+def _run(cfg: TrainRunConfig, argv: list[str], d: dist.Dist) -> RunResult:
     setup_process(cfg.run)
     method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
     method.check_scoring(cfg.scoring.top_k)
@@ -127,4 +118,4 @@ def _run(cfg: TrainRunConfig, argv: list[str], d: dist.Dist) -> TrainResult:
     ctx.log_eval(ctx.state.step, after, "after")
     ctx.save(parts.learner, method, final=True)
     ctx.close()
-    return TrainResult(str(ctx.run_dir), before, after, ctx.state.step)
+    return RunResult(str(ctx.run_dir), before, after, ctx.state.step)

@@ -30,6 +30,16 @@ from opdcli.run.tracking import MetricsLogger, timed
 
 
 @dataclass
+class RunResult:
+    """What a training command returns: its directory, held-out metrics and steps done."""
+
+    run_dir: str
+    before: dict[str, float]
+    after: dict[str, float]
+    steps: int
+
+
+@dataclass
 class RunContext:
     """A run's files, resumable state and the model its held-out evaluation samples from."""
 
