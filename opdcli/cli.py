@@ -32,6 +32,16 @@ def _fail(exc: OpdError) -> None:
     raise typer.Exit(code=2)
 
 
+def _one_process(command: str) -> None:
+    """Commands other than train and distill are not data-parallel: refuse torchrun up front."""
+    from opdcli.dist import from_env
+    from opdcli.errors import ConfigError
+
+    if from_env().active:
+        raise ConfigError(f"opd {command} runs on one process; start it without torchrun "
+                          "(only opd train and opd distill are data-parallel)")
+
+
 def _load(cls, config: Path | None, default: str, overrides: list[str]):
     from opdcli.config import load_config
 
@@ -107,6 +117,7 @@ def sweep(
 ) -> None:
     """Train several methods from the same student, seed and budget; write a comparison table."""
     try:
+        _one_process("sweep")
         from opdcli.loops.sweep import aggregate, run_sweep
         from opdcli.loops.train import run_train
 
@@ -156,6 +167,7 @@ def eval_(
     """Evaluate a model on a benchmark (AIME, AMC, HMMT, GPQA, LiveCodeBench, toy-arith)."""
     args = dict(locals(), argv=sys.argv)
     try:
+        _one_process("eval")
         from benchmarks.cli_eval import run_cli
 
         run_cli(args)
@@ -173,6 +185,7 @@ def diagnose(
 ) -> None:
     """Teachability analyses of rollouts: advantage decay, teacher margins, release rule, Prune-OPD, TOPD, freshness."""
     try:
+        _one_process("diagnose")
         from diagnostics.run import run_diagnose
 
         run_diagnose(rollouts, out, bins=bins, fmt=format_, workers=workers)
@@ -195,6 +208,7 @@ def rollout(
 ) -> None:
     """Sample from the student and score with the teacher, without training; writes rollouts.jsonl."""
     try:
+        _one_process("rollout")
         from opdcli.config import TrainRunConfig
         from opdcli.loops.rollout import apply_flags, run_rollout, set_keys
 
@@ -217,6 +231,7 @@ def toy_build(
 ) -> None:
     """Rebuild the toy models from scratch (all four: about 30 minutes on 2 CPU cores)."""
     try:
+        _one_process("toy build")
         import time
 
         import torch

@@ -34,9 +34,8 @@ class Dist:
         return self.world > 1
 
     def shard(self, total: int) -> tuple[int, int]:
-        """Rows [start, stop) of `total` that this rank owns (contiguous, equal sizes)."""
-        per = total // self.world
-        return self.rank * per, (self.rank + 1) * per
+        """Rows [start, stop) of `total` that this rank owns (contiguous; equal when world divides total)."""
+        return total * self.rank // self.world, total * (self.rank + 1) // self.world
 
     def _reduce(self, value, dtype: torch.dtype, op):
         t = torch.tensor([value], dtype=dtype, device=self._device())

@@ -67,6 +67,10 @@ def test_two_ranks_match_one_process(runs):
     for step in one:
         for key in ("loss/total", "loss/rkl", "signal/teacher_kl", "rollout/tokens", "train/tokens_trained"):
             assert abs(one[step][key] - two[step][key]) <= 1e-5, (step, key, one[step][key], two[step][key])
+    evals = [{k: v for r in (run / "metrics.jsonl").read_text().splitlines()
+              for k, v in json.loads(r).items() if k.startswith("eval_")} for run in (runs / "one", runs / "two")]
+    assert evals[0].keys() == evals[1].keys() and "eval_after/heldout/response_len" in evals[0]
+    assert all(abs(evals[0][k] - evals[1][k]) <= 1e-6 for k in evals[0]), evals  # ranks share the problems
     a, b = _weights(runs / "one/checkpoints/step_5"), _weights(runs / "two/checkpoints/step_5")
     assert sorted(a) == sorted(b)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5

@@ -113,3 +113,15 @@ def test_data_parallel_layouts_that_cannot_run_are_refused(overrides, rows, stop
 def test_rank_shards_cover_the_batch_once():
     shards = [Dist(rank=r, world=4).shard(64) for r in range(4)]
     assert shards == [(0, 16), (16, 32), (32, 48), (48, 64)]
+
+
+def test_single_process_commands_refuse_torchrun(monkeypatch):
+    from typer.testing import CliRunner
+
+    from opdcli.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = CliRunner().invoke(app, ["rollout", "--out", "x.jsonl"])
+    assert result.exit_code == 2
+    assert "opd rollout runs on one process; start it without torchrun" in result.output

@@ -2,8 +2,8 @@
 
 open_run creates (or resumes) run_dir, writes config.yaml (resolved), command.txt and
 environment.json, opens metrics.jsonl and rollouts.jsonl, and restores the trainer state
-when run.resume is set. Under torchrun only the main rank writes, evaluates and logs; every
-rank takes part in the collectives of a checkpoint.
+when run.resume is set. Under torchrun only the main rank writes and logs; every rank takes
+part in held-out evaluation (a share of the problems each) and in the collectives of a checkpoint.
 """
 
 from __future__ import annotations
@@ -58,13 +58,14 @@ class RunContext:
     heldout: list[Any] | None
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy held-out accuracy of the student (main rank; empty elsewhere or without a set)."""
-        if self.heldout is None or not self.d.is_main:
+        """Greedy held-out accuracy of the student (every rank decodes a share; empty without a set)."""
+        if self.heldout is None:
             return {}
         from opdcli.run.heldout import heldout_accuracy
 
         tokens = self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens
-        return heldout_accuracy(self.eval_model, self.tokenizer, self.heldout, tokens, self.cfg.eval.batch_size)
+        return heldout_accuracy(self.eval_model, self.tokenizer, self.heldout, tokens, self.cfg.eval.batch_size,
+                                d=self.d)
 
     def periodic(self, step_idx: int, metrics: dict[str, float], learner: Any, method: Any) -> None:
         """After an optimizer step: bookkeeping, cadenced eval, logging and checkpoints."""

@@ -1,6 +1,7 @@
 """Held-out accuracy during training: greedy decoding, boxed-answer exact match.
 
-Uses the same grader (`opdcli.grading.grade`) as `opd eval --bench toy-arith`.
+Uses the same grader (`opdcli.grading.grade`) as `opd eval --bench toy-arith`. Under torchrun
+every rank decodes its share of the problems and the counts are summed.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from opdcli.data import Prompt, render
+from opdcli.dist import ALONE, Dist
 from opdcli.engines.hf_sampler import HFSampler, decode_responses
 from opdcli.engines.types import SamplingParams
 from opdcli.grading import grade, last_boxed, strip_thinking
@@ -15,18 +17,24 @@ from opdcli.grading import grade, last_boxed, strip_thinking
 
 @torch.no_grad()
 def heldout_accuracy(model, tokenizer, prompts: list[Prompt], max_new_tokens: int,
-                     batch_size: int, prefix: str = "eval/heldout") -> dict[str, float]:
+                     batch_size: int, prefix: str = "eval/heldout", d: Dist = ALONE) -> dict[str, float]:
     """Accuracy, no-answer rate, truncation rate and mean response length (tokens)."""
+    from opdcli.engines.types import RowShard
+
     texts = [render(tokenizer, p) for p in prompts]
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    batch = HFSampler(model, tokenizer).sample(texts, params)
-    responses = decode_responses(tokenizer, batch)
-    correct = [grade(r, p.answer or "") for r, p in zip(responses, prompts, strict=True)]
-    no_answer = [last_boxed(strip_thinking(r)) is None for r in responses]
+    start, stop = d.shard(len(prompts))
+    counts = {"accuracy": 0.0, "no_answer_rate": 0.0, "truncated_rate": 0.0, "response_len": 0.0}
+    if stop > start:
+        shard = RowShard(start, stop, len(prompts), reduce_max=None)
+        batch = HFSampler(model, tokenizer).sample(texts, params, shard=shard)
+        responses = decode_responses(tokenizer, batch)
+        mine = prompts[start:stop]
+        counts = {
+            "accuracy": float(sum(grade(r, p.answer or "") for r, p in zip(responses, mine, strict=True))),
+            "no_answer_rate": float(sum(last_boxed(strip_thinking(r)) is None for r in responses)),
+            "truncated_rate": float((~batch.finished_B).sum()),
+            "response_len": float(batch.response_mask_B_T.sum()),
+        }
     n = max(1, len(prompts))
-    return {
-        f"{prefix}/accuracy": sum(correct) / n,
-        f"{prefix}/no_answer_rate": sum(no_answer) / n,
-        f"{prefix}/truncated_rate": float((~batch.finished_B).float().mean()),
-        f"{prefix}/response_len": float(batch.response_mask_B_T.float().sum(-1).mean()),
-    }
+    return {f"{prefix}/{k}": v / n for k, v in d.sums(counts).items()}
