@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from opdcli.config import ModelConfig
 from opdcli.errors import ConfigError, ModelError
 
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
@@ -151,15 +152,20 @@ def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
     return LoadedPair(student=s, teacher=t, tokenizer=tok_s, device=device, dtype=dtype)
 
 
-def load_reference(name: str | None, pair: LoadedPair, student_name: str, *, trust_remote_code: bool = False,
-                   attn_implementation: str = "sdpa") -> Any:
+def load_configured_pair(m: ModelConfig, run_device: str, run_dtype: str) -> LoadedPair:
+    """load_pair with the model config's student, teacher and loading options."""
+    return load_pair(m.student, m.teacher, run_device, run_dtype, trust_remote_code=m.trust_remote_code,
+                     attn_implementation=m.attn_implementation)
+
+
+def load_reference(name: str | None, pair: LoadedPair, m: ModelConfig) -> Any:
     """The frozen reference model a method asks for (G-OPD), checked against the student."""
     if name is None:
         return None
-    check_same_vocabulary(pair.tokenizer, load_tokenizer(name, trust_remote_code), student_name, name)
-    ref = load_model(name, pair.device, pair.dtype, trust_remote_code=trust_remote_code,
-                     attn_implementation=attn_implementation)
-    check_logit_widths(pair.student, ref, student_name, name)
+    check_same_vocabulary(pair.tokenizer, load_tokenizer(name, m.trust_remote_code), m.student, name)
+    ref = load_model(name, pair.device, pair.dtype, trust_remote_code=m.trust_remote_code,
+                     attn_implementation=m.attn_implementation)
+    check_logit_widths(pair.student, ref, m.student, name)
     return ref
 
 

@@ -28,8 +28,8 @@ from opdcli.learner import Learner
 from opdcli.lm import as_response_lm, token_stats
 from opdcli.models import (
     LoadedPair,
+    load_configured_pair,
     load_model,
-    load_pair,
     load_tokenizer,
     load_weights,
     resolve_device,
@@ -101,8 +101,7 @@ def traces(cfg: DistillRunConfig, tokenizer, sampler: HFSampler | None, prompts:
 def _load(cfg: DistillRunConfig, device: str) -> LoadedPair:
     m = cfg.model
     if cfg.distill.traces == "teacher" or cfg.distill.mode == "fkl":
-        return load_pair(m.student, m.teacher, device, cfg.run.dtype, trust_remote_code=m.trust_remote_code,
-                         attn_implementation=m.attn_implementation)
+        return load_configured_pair(m, device, cfg.run.dtype)
     dev = resolve_device(device)
     dtype = resolve_dtype(cfg.run.dtype, dev)
     student = load_model(m.student, dev, dtype, trainable=True, trust_remote_code=m.trust_remote_code,

@@ -134,7 +134,7 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     from opdcli.dist import ALONE
     from opdcli.engines.hf_sampler import HFSampler
     from opdcli.methods import build_method
-    from opdcli.models import load_pair, load_reference
+    from opdcli.models import load_configured_pair, load_reference
     from opdcli.run.context import setup_process
     from opdcli.validate import check_sampler
 
@@ -147,11 +147,9 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     check_sampler(HFSampler, method)
     prompts = _prompts(cfg)  # data errors surface before models load
     m = cfg.model
-    pair = load_pair(m.student, m.teacher, cfg.run.device, cfg.run.dtype,
-                     trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
+    pair = load_configured_pair(m, cfg.run.device, cfg.run.dtype)
     method.attach(pair.tokenizer)
-    reference = load_reference(method.reference_model(m.student), pair, m.student,
-                               trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
+    reference = load_reference(method.reference_model(m.student), pair, m)
     generator = torch.Generator(device=pair.device).manual_seed(cfg.run.seed)
     parts = assemble(cfg, pair, ALONE, generator, reference=reference, train=False)
     start, tokens = time.perf_counter(), 0

@@ -22,7 +22,7 @@ from opdcli.config import TrainRunConfig
 from opdcli.data import PromptSource, heldout_prompts, render
 from opdcli.engines.hf_sampler import HFSampler, decode_responses
 from opdcli.methods import Method, build_method
-from opdcli.models import load_pair, load_reference, load_weights
+from opdcli.models import load_configured_pair, load_reference, load_weights
 from opdcli.objective import objective_loss
 from opdcli.records.rows import write_rollout_records
 from opdcli.run.context import RunContext, RunResult, open_run, resume_point, setup_process
@@ -87,13 +87,11 @@ def _run(cfg: TrainRunConfig, argv: list[str], d: dist.Dist) -> RunResult:
     heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
     ckpt = resume_point(cfg)
     m = cfg.model
-    pair = load_pair(m.student, m.teacher, dist.device_for(cfg.run.device, d), cfg.run.dtype,
-                     trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
+    pair = load_configured_pair(m, dist.device_for(cfg.run.device, d), cfg.run.dtype)
     if ckpt is not None:
         load_weights(pair.student, ckpt)
     method.attach(pair.tokenizer)
-    reference = load_reference(method.reference_model(m.student), pair, m.student,
-                               trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
+    reference = load_reference(method.reference_model(m.student), pair, m)
     parts = assemble(cfg, pair, d, torch.Generator(device=pair.device), reference=reference)
     ctx: RunContext = open_run(cfg, argv, d, eval_model=parts.policy, tokenizer=pair.tokenizer,
                                device=pair.device, dtype=pair.dtype, source=source, heldout=heldout,
