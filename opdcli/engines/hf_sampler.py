@@ -18,6 +18,7 @@ Typical use:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -272,9 +273,8 @@ class HFSampler:
         batch = sample(self.model, self.tokenizer, prompt_texts_P, params, generator=self.generator,
                        stop=factory, shard=shard)
         stopped = torch.cat([f.state.stopped_B for f in followers]) if followers else None
-        return RolloutBatch(**{**batch.__dict__, "version_B": torch.full_like(batch.version_B, self.version),
-                               "stopped_B": stopped,
-                               "follower_tokens": sum(f.scored_tokens for f in followers)})
+        return dataclasses.replace(batch, version_B=torch.full_like(batch.version_B, self.version), stopped_B=stopped,
+                                   follower_tokens=sum(f.scored_tokens for f in followers))
 
 
 def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:

@@ -92,7 +92,7 @@ def traces(cfg: DistillRunConfig, tokenizer, sampler: HFSampler | None, prompts:
            device: torch.device, d: Dist) -> RolloutBatch:
     """This rank's rows of the gold solutions, or of the teacher's samples under rollout.*."""
     if cfg.distill.traces == "gold":
-        start, stop = stages.row_shard(d, len(prompts)).start, stages.row_shard(d, len(prompts)).stop
+        start, stop = d.shard(len(prompts))
         return gold_batch(tokenizer, prompts[start:stop], device)
     assert sampler is not None
     return stages.sample(sampler, [render(tokenizer, p) for p in prompts], stages.sampling_params(cfg.rollout), d)
