@@ -1,0 +1,104 @@
+"""f-OPD freshness arithmetic (methods.md §4.2, arXiv 2605.17862): pure tensor functions.
+
+Per sample i with response mask m, at learner time with the current student's log-probs:
+
+    delta_t  = log p_theta(y_t) - log p_beh(y_t)
+    D_roll_i = (1/|m|) sum_t (exp(-delta_t) - 1 + delta_t)     k3 estimate of KL(p_beh || p_theta), >= 0
+    D_sup_i  = (1/|m|) sum_t |A_stored_t - A_fresh_t|            0 when the signal is recomputed
+    f_i      = exp(-D_roll_i / tau_r - D_sup_i / tau_s - eta * lag_i)   in (0, 1]
+
+Samples with f_i < f_min or lag_i > max_lag are dropped; the kept ones weigh u_i = f_i / mean(f)
+over the kept samples. The token-level truncated importance ratio is min(exp(delta_t), C), and
+the drift penalty's coefficient doubles or halves when the batch mean of D_roll is above or
+below a target. The asynchronous loop that uses these is not written yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _row_mean(x_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
+    m = (mask_B_T > 0).to(x_B_T.dtype)
+    return (torch.where(m > 0, x_B_T, torch.zeros_like(x_B_T)) * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def rollout_drift(student_lp_B_T: torch.Tensor, behavior_lp_B_T: torch.Tensor,
+                  mask_B_T: torch.Tensor) -> torch.Tensor:
+    """D_roll per sample (B,): the k3 estimator of KL(p_beh || p_theta), 0 for empty rows."""
+    delta = student_lp_B_T - behavior_lp_B_T
+    return _row_mean(torch.expm1(-delta) + delta, mask_B_T)
+
+
+def supervision_drift(stored_adv_B_T: torch.Tensor | None, fresh_adv_B_T: torch.Tensor,
+                      mask_B_T: torch.Tensor) -> torch.Tensor:
+    """D_sup per sample (B,): mean |A_stored - A_fresh| (zeros without a stored signal)."""
+    if stored_adv_B_T is None:
+        return torch.zeros(fresh_adv_B_T.shape[0], dtype=fresh_adv_B_T.dtype, device=fresh_adv_B_T.device)
+    return _row_mean((stored_adv_B_T - fresh_adv_B_T).abs(), mask_B_T)
+
+
+def freshness(d_roll_B: torch.Tensor, d_sup_B: torch.Tensor, lag_B: torch.Tensor, *, tau_r: float,
+              tau_s: float, eta: float) -> torch.Tensor:
+    """f_i = exp(-D_roll / tau_r - D_sup / tau_s - eta * lag); a tau of 0 switches its term off."""
+    z = -eta * lag_B.to(d_roll_B.dtype)
+    if tau_r > 0:
+        z = z - d_roll_B / tau_r
+    if tau_s > 0:
+        z = z - d_sup_B / tau_s
+    return z.exp()
+
+
+def keep_and_weights(f_B: torch.Tensor, lag_B: torch.Tensor, *, f_min: float, max_lag: int | None,
+                     reweight: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept rows bool B, sample weights B): u_i = f_i / mean(f over kept), 0 on dropped rows.
+
+    `max_lag` None keeps every lag; `reweight` False gives every kept row weight 1.
+    """
+    keep = f_B >= f_min
+    if max_lag is not None:
+        keep = keep & (lag_B <= max_lag)
+    if not bool(keep.any()):
+        return keep, torch.zeros_like(f_B)
+    if not reweight:
+        return keep, keep.to(f_B.dtype)
+    mean = f_B[keep].mean()
+    return keep, torch.where(keep, f_B / mean, torch.zeros_like(f_B))
+
+
+def truncated_ratio(student_lp_B_T: torch.Tensor, behavior_lp_B_T: torch.Tensor, cap: float,
+                    mask_B_T: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(min(exp(delta), cap) detached, 0 off-mask; fraction of valid tokens that hit the cap)."""
+    ratio = (student_lp_B_T - behavior_lp_B_T).detach().exp()
+    valid = mask_B_T > 0
+    clipped = (ratio > cap) & valid
+    frac = float(clipped.sum()) / max(1, int(valid.sum()))
+    return torch.where(valid, ratio.clamp(max=cap), torch.zeros_like(ratio)), frac
+
+
+@dataclass
+class AdaptiveDriftPenalty:
+    """beta for the penalty beta * D_roll: doubled above the target drift, halved below it.
+
+    A beta of 0 starts at `floor` the first time the drift exceeds the target (doubling 0 would
+    never move); it never falls below `floor` once raised, except back to 0 when `floor` is 0.
+    """
+
+    target: float
+    beta: float = 0.0
+    floor: float = 1e-3
+
+    def update(self, mean_d_roll: float) -> float:
+        if mean_d_roll > self.target:
+            self.beta = self.floor if self.beta == 0 else 2 * self.beta
+        elif mean_d_roll < self.target and self.beta > 0:
+            self.beta = self.beta / 2 if self.beta / 2 >= self.floor else 0.0
+        return self.beta
+
+    def state_dict(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.beta = float(state["beta"])
