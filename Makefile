@@ -11,7 +11,7 @@ CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e ".[dev,eval]"
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e ".[dev,eval,async]"
 	touch $@
 
 install: $(BIN)/.installed

@@ -86,10 +86,17 @@ def train(
             return
         from opdcli.config import TrainRunConfig
         from opdcli.loops.train import run_train
+        from opdcli.loops.train_async import run_train_async
 
         overrides = list(set_ or []) + ([f"method.name={method}"] if method else [])
         cfg, explicit = _load(TrainRunConfig, config, "opd.yaml", overrides)
-        result = run_train(cfg, explicit, argv=sys.argv)
+        loop = run_train_async if cfg.train.mode == "async" else run_train
+        try:
+            result = loop(cfg, explicit, argv=sys.argv)
+        except KeyboardInterrupt:
+            typer.echo(f"interrupted: workers stopped; the last checkpoint is in {cfg.run.out_dir}/checkpoints",
+                       err=True)
+            raise typer.Exit(code=130) from None
         _summary("opd train: held-out evaluation", result)
     except OpdError as exc:
         _fail(exc)

@@ -50,6 +50,8 @@ class RunConfig:
     """Checkpoint directory (run_dir/checkpoints/step_N) to resume from."""
     overwrite: bool = False
     """Allow writing into a run directory that already holds metrics.jsonl."""
+    ray_address: str | None = None
+    """train.mode=async: the Ray cluster to join (None starts a local one)."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,22 @@ class TrainConfig:
     """Top-K entries per token stored in rollouts.jsonl (<= scoring.top_k)."""
     tensorboard: bool = False
     """Also log to tensorboard (needs the tensorboard package)."""
+    mode: Literal["sync", "async"] = "sync"
+    """sync: sample then train each step; async: Ray rollout workers sample while the learner trains."""
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """train.mode=async: rollout workers (Ray actors) and the batches in flight."""
+
+    workers: int = 2
+    """Rollout worker actors, each with its own copy of the student."""
+    buffer: int = 4
+    """Rollout batches in flight or waiting (bounds the version lag)."""
+    max_lag: int | None = 4
+    """Drop rows sampled more than this many versions ago (null: keep every row)."""
+    worker_threads: int = 1
+    """torch CPU threads per worker."""
 
 
 @dataclass(frozen=True)
@@ -269,6 +287,7 @@ class TrainRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
 
 
 @dataclass(frozen=True)

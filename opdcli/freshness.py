@@ -29,7 +29,8 @@ def rollout_drift(student_lp_B_T: torch.Tensor, behavior_lp_B_T: torch.Tensor,
                   mask_B_T: torch.Tensor) -> torch.Tensor:
     """D_roll per sample (B,): the k3 estimator of KL(p_beh || p_theta), 0 for empty rows."""
     delta = student_lp_B_T - behavior_lp_B_T
-    return _row_mean(torch.expm1(-delta) + delta, mask_B_T)
+    # each term is >= 0 in exact arithmetic; clamp the rounding below 0 so that f stays <= 1
+    return _row_mean((torch.expm1(-delta) + delta).clamp(min=0), mask_B_T)
 
 
 def supervision_drift(stored_adv_B_T: torch.Tensor | None, fresh_adv_B_T: torch.Tensor,

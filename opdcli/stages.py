@@ -113,6 +113,22 @@ def local_rows(out: MethodOutput, d: Dist) -> MethodOutput:
                         advantages_B_T=None if adv is None else adv[start:stop])
 
 
+def learn(learner, scorer: Scorer, rollout: RolloutBatch, scored: ScoredBatch, mine: MethodOutput, cfg,
+          step: int, d: Dist) -> dict[str, float]:
+    """The only forward with grad over this rank's rows, then the optimizer step."""
+    from opdcli.objective import objective_loss
+
+    def micro_loss(sl: slice, normalizer: float):
+        adv = None if mine.advantages_B_T is None else mine.advantages_B_T[sl]
+        return objective_loss(learner.module, rollout.rows(sl), scored.rows(sl), mine.weights_B_T[sl], adv,
+                              cfg.loss, normalizer, cfg.scoring.chunk_tokens, scorer.teacher_logits)
+
+    trained = float(((mine.weights_B_T > 0) & (scored.mask_B_T > 0)).sum())
+    metrics = train_on(rollout.batch_size, float(scored.mask_B_T.sum()), cfg.optim.grad_accum, micro_loss, d)
+    metrics["train/tokens_trained"] = d.sum(trained)
+    return metrics | learner.step(cfg.optim, step, cfg.train.max_steps)
+
+
 MicroLoss = Callable[[slice, float], tuple[torch.Tensor, dict[str, float]]]
 """(rows of the micro-batch, the step's global token normaliser) -> (loss, metrics)."""
 

@@ -47,6 +47,15 @@ def validate_train_config(cfg: TrainRunConfig, explicit: set[str]) -> None:
     if not 0.0 <= cfg.loss.beta <= 1.0:
         raise ConfigError(f"loss.beta is {cfg.loss.beta}; it must be in [0, 1]")
     validate_common(cfg, explicit)
+    if cfg.train.mode == "sync":
+        for key in sorted(k for k in explicit if k.startswith("asynchronous.") or k == "run.ray_address"):
+            raise ConfigError(f"{key} cannot take effect: train.mode=sync runs no rollout workers; "
+                              "set train.mode=async or remove it")
+    else:
+        a = cfg.asynchronous
+        if a.workers < 1 or a.buffer < 1 or a.worker_threads < 1 or (a.max_lag is not None and a.max_lag < 0):
+            raise ConfigError("asynchronous.workers, buffer and worker_threads must be at least 1 and "
+                              "max_lag >= 0 (or null)")
     if (cfg.rollout.top_p < 1 or cfg.rollout.top_k > 0 or cfg.rollout.temperature != 1.0) and obj != "sampled":
         warnings.warn(f"rollouts are not sampled from the student itself (temperature/top-p/top-k) and "
                       f"loss.objective={obj} has no importance ratio: the gradient is biased", stacklevel=2)

@@ -18,6 +18,7 @@ CASES = {
     "exopd": (["loss.objective=sampled"], "method/exopd/kl_to_ref"),
     "topd": (["loss.objective=sampled"], "method/topd/high_loss_frac"),
     "prefix": (["method.options.length=6"], "method/prefix/length"),
+    "fopd": ([], "method/fopd/freshness_mean"),
 }
 
 

@@ -21,9 +21,9 @@ from opdcli.assembly import Parts, assemble, check_placement
 from opdcli.config import TrainRunConfig
 from opdcli.data import PromptSource, heldout_prompts, render
 from opdcli.engines.hf_sampler import HFSampler, decode_responses
+from opdcli.errors import ConfigError
 from opdcli.methods import Method, build_method
 from opdcli.models import load_configured_pair, load_reference, load_weights
-from opdcli.objective import objective_loss
 from opdcli.records.rows import write_rollout_records
 from opdcli.run.context import RunContext, RunResult, open_run, resume_point, setup_process
 from opdcli.run.progress import progress_bar
@@ -51,16 +51,7 @@ def step(*, cfg: TrainRunConfig, parts: Parts, method: Method, source: PromptSou
         mine = stages.local_rows(out, d)
     # train: the only forward with grad, over grad_accum micro-batches, one global normaliser
     with timed(metrics, "train"):
-        def micro_loss(sl: slice, normalizer: float):
-            adv = None if mine.advantages_B_T is None else mine.advantages_B_T[sl]
-            return objective_loss(parts.learner.module, rollout.rows(sl), scored.rows(sl), mine.weights_B_T[sl],
-                                  adv, cfg.loss, normalizer, cfg.scoring.chunk_tokens, parts.scorer.teacher_logits)
-
-        trained = float(((mine.weights_B_T > 0) & (scored.mask_B_T > 0)).sum())
-        tokens = float(scored.mask_B_T.sum())
-        metrics |= stages.train_on(rollout.batch_size, tokens, cfg.optim.grad_accum, micro_loss, d)
-        metrics["train/tokens_trained"] = d.sum(trained)
-        metrics |= parts.learner.step(cfg.optim, step_idx, cfg.train.max_steps)
+        metrics |= stages.learn(parts.learner, parts.scorer, rollout, scored, mine, cfg, step_idx, d)
         parts.sampler.sync_weights(parts.learner.full_weights(), step_idx + 1)
     metrics |= stages.batch_signals(whole, rows.finished_B) | out.metrics
     return metrics, (prompts, rows, whole, out)
@@ -77,6 +68,9 @@ def run_train(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | None = 
 
 
 def _run(cfg: TrainRunConfig, argv: list[str], d: dist.Dist) -> RunResult:
+    if cfg.train.mode != "sync":
+        raise ConfigError("train.mode=async is run by `opd train` itself (not by opd sweep); "
+                          "use opd train, or train.mode=sync")
     setup_process(cfg.run)
     method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
     method.check_scoring(cfg.scoring.top_k)

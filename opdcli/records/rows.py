@@ -22,11 +22,13 @@ def _scalar(value: Any) -> Any:
 
 def write_rollout_records(writer: RolloutWriter | None, run_id: str, step: int, prompts: list[Any],
                           rollout, scored, out, responses: list[str], method_name: str,
-                          topk: int) -> int:
+                          topk: int, with_lag: bool = False) -> int:
     """Append one record per sequence; returns the number written.
 
     `rollout` gives each row's prompt_index_B, prompt_texts_P and finished_B (a RolloutBatch
     or the global stages.StepRows); `scored` and `out` are the same rows' scores and method output.
+    `with_lag` (asynchronous training) adds each row's version_lag; a method's per-row
+    `freshness` output goes to the top-level field of the same name.
     """
     if writer is None:
         return 0
@@ -44,6 +46,10 @@ def write_rollout_records(writer: RolloutWriter | None, run_id: str, step: int, 
             "finished": bool(rollout.finished_B[b]),
             "answer": prompt.answer, "correct": None if prompt.answer is None else grade(text, prompt.answer),
         }
+        if with_lag:
+            rec["version_lag"] = max(0, step - int(scored.version_B[b]))
+        if "freshness" in out.trajectory_outputs:
+            rec["freshness"] = float(out.trajectory_outputs["freshness"][b])
         if scored.ref_lp_B_T is not None:
             rec["ref_lp"] = _row(scored.ref_lp_B_T[b], n)
         if topk > 0:

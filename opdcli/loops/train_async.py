@@ -1,0 +1,160 @@
+"""`opd train --set train.mode=async`: asynchronous on-policy distillation on Ray rollout workers.
+
+    opd train --method fopd --set train.mode=async --set asynchronous.workers=2
+
+`asynchronous.workers` Ray actors sample prompt batches with the newest weights they have been
+sent, while the learner scores, weighs and trains on the oldest finished batch; at most
+`asynchronous.buffer` batches are in flight or waiting. Every row carries the version that
+sampled it; rows more than `asynchronous.max_lag` versions old are dropped before scoring.
+The learner publishes its weights through the object store after every optimizer step.
+Method `fopd` turns lag and drift into freshness weights; any other method runs as
+"async without control" (stale rows dropped, nothing else corrected).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+
+import torch
+
+from opdcli import stages
+from opdcli.assembly import assemble
+from opdcli.config import TrainRunConfig
+from opdcli.data import PromptSource, heldout_prompts, render
+from opdcli.dist import ALONE, from_env
+from opdcli.engines.hf_sampler import decode_responses
+from opdcli.engines.ray_workers import RayWorkerPool
+from opdcli.errors import ConfigError, OpdError
+from opdcli.methods import build_method
+from opdcli.models import load_configured_pair, load_reference, load_weights
+from opdcli.records.rows import write_rollout_records
+from opdcli.run.context import RunResult, open_run, resume_point, setup_process
+from opdcli.run.progress import progress_bar
+from opdcli.run.tracking import timed
+from opdcli.validate import check_sampler, validate_train_config
+
+
+class _TrainedFeed:
+    """The prompt stream, whose position counts only the prompts of batches already trained on
+    (a resumed run samples the in-flight batches again)."""
+
+    def __init__(self, source: PromptSource, per_batch: int) -> None:
+        self.source, self.per_batch, self.inflight = source, per_batch, 0
+
+    @property
+    def position(self) -> int:
+        return self.source.position - self.per_batch * self.inflight
+
+    def next_batch(self, n: int):
+        return self.source.next_batch(n)
+
+    def skip_to(self, position: int) -> None:
+        self.source.skip_to(position)
+
+
+def run_train_async(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | None = None) -> RunResult:
+    """Set up the learner and the worker pool, loop, evaluate, checkpoint; always stop the workers."""
+    validate_train_config(cfg, explicit)
+    if from_env().active:
+        raise ConfigError("train.mode=async runs one learner process; start it without torchrun")
+    setup_process(cfg.run)
+    method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
+    method.check_scoring(cfg.scoring.top_k)
+    check_sampler(RayWorkerPool, method)
+    source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
+    heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
+    ckpt = resume_point(cfg)
+    m, a = cfg.model, cfg.asynchronous
+    pair = load_configured_pair(m, cfg.run.device, cfg.run.dtype)
+    if ckpt is not None:
+        load_weights(pair.student, ckpt)
+    method.attach(pair.tokenizer)
+    reference = load_reference(method.reference_model(m.student), pair, m)
+    parts = assemble(cfg, pair, ALONE, torch.Generator(device=pair.device), reference=reference)
+    feed = _TrainedFeed(source, cfg.rollout.prompts_per_step)
+    ctx = open_run(cfg, argv or sys.argv, ALONE, eval_model=parts.policy, tokenizer=pair.tokenizer,
+                   device=pair.device, dtype=pair.dtype, source=feed, heldout=heldout, learner=parts.learner,
+                   method=method)
+    parts.sampler.sync_weights(None, ctx.state.step)
+    pool = RayWorkerPool(a.workers, m.student, cfg.run.device, cfg.run.dtype, cfg.run.seed, a.worker_threads,
+                         address=cfg.run.ray_address, trust_remote_code=m.trust_remote_code,
+                         attn_implementation=m.attn_implementation)
+    try:
+        before = ctx.evaluate()
+        ctx.log_eval(ctx.state.step, before, "before")
+        _loop(cfg, parts, method, feed, pool, ctx, pair.tokenizer)
+        after = ctx.evaluate()
+        ctx.log_eval(ctx.state.step, after, "after")
+        ctx.save(parts.learner, method, final=True)
+    except KeyboardInterrupt:
+        ctx.save(parts.learner, method)  # a loadable checkpoint of the steps done
+        raise
+    finally:
+        pool.close()
+        ctx.close()
+    return RunResult(str(ctx.run_dir), before, after, ctx.state.step)
+
+
+def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorkerPool, ctx, tokenizer) -> None:
+    a, P = cfg.asynchronous, cfg.rollout.prompts_per_step
+    params = stages.sampling_params(cfg.rollout)
+    pool.publish(parts.learner.module.lm.state_dict(), ctx.state.step)
+    inflight: deque = deque()
+
+    def submit(worker: int) -> None:
+        prompts = feed.next_batch(P)
+        control = method.generation_control(cfg.rollout.max_new_tokens, pool.version)
+        inflight.append((pool.submit(worker, [render(tokenizer, p) for p in prompts], params, control), worker, prompts))
+        feed.inflight = len(inflight)
+
+    for k in range(a.buffer):
+        submit(k % a.workers)
+    start, generated, busy = time.perf_counter(), 0.0, 0.0
+    with progress_bar(cfg.train.max_steps, ctx.state.step, "opd train (async)") as bar:
+        while ctx.state.step < cfg.train.max_steps:
+            step_idx, metrics, t0 = ctx.state.step, {}, time.perf_counter()
+            with timed(metrics, "wait"):  # the learner's idle time
+                ref, worker, prompts = inflight.popleft()
+                try:
+                    rollout, seconds = pool.ray.get(ref)
+                except pool.ray.exceptions.RayError as exc:
+                    raise OpdError(f"rollout worker {worker} failed: {str(exc).strip().splitlines()[-1]}") from None
+                fill = len(pool.ray.wait([r for r, _, _ in inflight], num_returns=len(inflight), timeout=0)[0]) \
+                    if inflight else 0
+            submit(worker)  # the worker goes on at once, with the newest weights
+            busy += seconds
+            generated += float(rollout.response_mask_B_T.sum())
+            lag_B = step_idx - rollout.version_B
+            keep = [b for b, lag in enumerate(lag_B.tolist()) if a.max_lag is None or lag <= a.max_lag]
+            metrics |= {"async/lag_mean": float(lag_B.float().mean()), "async/lag_max": float(lag_B.max()),
+                        "async/lag_p50": float(lag_B.float().median()),
+                        "async/dropped_stale_frac": 1.0 - len(keep) / max(1, rollout.batch_size),
+                        "async/buffer_fill": fill / max(1, a.buffer)}
+            if keep:
+                rollout = rollout.rows(keep)
+                with timed(metrics, "score"):
+                    scored = stages.score(parts.scorer, rollout, cfg.loss.objective)
+                with timed(metrics, "method"):
+                    rows, whole = stages.gather(rollout, scored, ALONE)
+                    out = stages.weigh(method, whole, rows, cfg.loss, step_idx)
+                with timed(metrics, "train"):
+                    metrics |= stages.learn(parts.learner, parts.scorer, rollout, scored, out, cfg, step_idx, ALONE)
+                    parts.sampler.sync_weights(None, step_idx + 1)
+                    pool.publish(parts.learner.module.lm.state_dict(), step_idx + 1)
+                metrics |= stages.batch_signals(whole, rows.finished_B) | out.metrics
+                if cfg.train.rollouts_every and step_idx % cfg.train.rollouts_every == 0:
+                    with timed(metrics, "log_rollouts"):
+                        write_rollout_records(ctx.rollouts, ctx.run_id, step_idx, prompts, rows, whole, out,
+                                              decode_responses(tokenizer, rows), method.name,
+                                              cfg.train.rollouts_topk, with_lag=True)
+            wall = time.perf_counter() - start
+            metrics |= {"async/learner_idle_frac": metrics["time/wait"] / max(1e-9, time.perf_counter() - t0),
+                        "async/worker_idle_frac": max(0.0, 1.0 - busy / max(1e-9, a.workers * wall)),
+                        "async/generated_tokens_per_s": generated / max(1e-9, wall)}
+            if not keep:  # every row was too stale: no optimizer step, nothing trained
+                ctx.metrics.log(step_idx, metrics)
+                continue
+            ctx.periodic(step_idx, metrics, parts.learner, method)
+            bar.advance(metrics)
