@@ -30,7 +30,6 @@ class RolloutWorker:
                         attn_implementation=attn_implementation)
         self.sampler = HFSampler(lm, load_tokenizer(model, trust_remote_code),
                                  generator=torch.Generator(device=dev).manual_seed(seed))
-        self.busy_s = 0.0
 
     def sample(self, prompt_texts_P: list[str], params: SamplingParams, control: GenerationControl | None,
                weights: dict[str, torch.Tensor] | None, version: int) -> tuple[RolloutBatch, float]:
@@ -40,7 +39,6 @@ class RolloutWorker:
             self.sampler.sync_weights(weights, version)
         batch = self.sampler.sample(prompt_texts_P, params, control=control)
         seconds = time.perf_counter() - start
-        self.busy_s += seconds
         return batch, seconds
 
 

@@ -142,7 +142,8 @@ def _run(cfg: DistillRunConfig, argv: list[str], d: Dist) -> RunResult:
     scorer = None if pair.teacher is None else HFScorer(None, pair.teacher, k=1, chunk_tokens=cfg.scoring.chunk_tokens,
                                                          batch_size=cfg.scoring.batch_size)
     ctx = open_run(cfg, argv, d, eval_model=policy, tokenizer=pair.tokenizer, device=pair.device,
-                   dtype=pair.dtype, source=source, heldout=heldout, learner=learner, write_rollouts=False)
+                   dtype=pair.dtype, source=source, heldout=heldout, learner=learner, write_rollouts=False,
+                   ckpt=ckpt)
     sampler = None
     if cfg.distill.traces == "teacher":
         sampler = HFSampler(pair.teacher, pair.tokenizer, generator=ctx.generator)

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 from opdcli import dist, stages
-from opdcli.assembly import Parts, assemble, check_placement
+from opdcli.assembly import Parts
 from opdcli.config import TrainRunConfig
-from opdcli.data import PromptSource, heldout_prompts, render
+from opdcli.data import PromptSource, render
 from opdcli.engines.hf_sampler import HFSampler, decode_responses
 from opdcli.errors import ConfigError
-from opdcli.methods import Method, build_method
-from opdcli.models import load_configured_pair, load_reference, load_weights
+from opdcli.methods import Method
 from opdcli.records.rows import write_rollout_records
-from opdcli.run.context import RunContext, RunResult, open_run, resume_point, setup_process
+from opdcli.run.context import RunResult
 from opdcli.run.progress import progress_bar
+from opdcli.run.setup import prepare_training
 from opdcli.run.tracking import timed
-from opdcli.validate import check_sampler, validate_train_config
+from opdcli.validate import validate_train_config
 
 
 def step(*, cfg: TrainRunConfig, parts: Parts, method: Method, source: PromptSource, tokenizer,
@@ -71,27 +69,8 @@ def _run(cfg: TrainRunConfig, argv: list[str], d: dist.Dist) -> RunResult:
     if cfg.train.mode != "sync":
         raise ConfigError("train.mode=async is run by `opd train` itself (not by opd sweep); "
                           "use opd train, or train.mode=sync")
-    setup_process(cfg.run)
-    method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
-    method.check_scoring(cfg.scoring.top_k)
-    check_sampler(HFSampler, method)
-    check_placement(cfg, d, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
-                    method.stop_rule() is not None)
-    source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
-    heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
-    ckpt = resume_point(cfg)
-    m = cfg.model
-    pair = load_configured_pair(m, dist.device_for(cfg.run.device, d), cfg.run.dtype)
-    if ckpt is not None:
-        load_weights(pair.student, ckpt)
-    method.attach(pair.tokenizer)
-    reference = load_reference(method.reference_model(m.student), pair, m)
-    parts = assemble(cfg, pair, d, torch.Generator(device=pair.device), reference=reference)
-    ctx: RunContext = open_run(cfg, argv, d, eval_model=parts.policy, tokenizer=pair.tokenizer,
-                               device=pair.device, dtype=pair.dtype, source=source, heldout=heldout,
-                               learner=parts.learner, method=method)
-    parts.sampler.generator = ctx.generator
-    parts.sampler.sync_weights(None, ctx.state.step)
+    run = prepare_training(cfg, argv, d, HFSampler)
+    method, source, pair, parts, ctx = run.method, run.source, run.pair, run.parts, run.ctx
     before = ctx.evaluate()
     ctx.log_eval(ctx.state.step, before, "before")
     with progress_bar(cfg.train.max_steps, ctx.state.step, "opd train", show=d.is_main) as bar:

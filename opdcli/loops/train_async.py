@@ -17,23 +17,19 @@ import sys
 import time
 from collections import deque
 
-import torch
-
 from opdcli import stages
-from opdcli.assembly import assemble
 from opdcli.config import TrainRunConfig
-from opdcli.data import PromptSource, heldout_prompts, render
+from opdcli.data import PromptSource, render
 from opdcli.dist import ALONE, from_env
 from opdcli.engines.hf_sampler import decode_responses
 from opdcli.engines.ray_workers import RayWorkerPool
 from opdcli.errors import ConfigError, OpdError
-from opdcli.methods import build_method
-from opdcli.models import load_configured_pair, load_reference, load_weights
 from opdcli.records.rows import write_rollout_records
-from opdcli.run.context import RunResult, open_run, resume_point, setup_process
+from opdcli.run.context import RunResult
 from opdcli.run.progress import progress_bar
+from opdcli.run.setup import prepare_training
 from opdcli.run.tracking import timed
-from opdcli.validate import check_sampler, validate_train_config
+from opdcli.validate import validate_train_config
 
 
 class _TrainedFeed:
@@ -59,25 +55,10 @@ def run_train_async(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | N
     validate_train_config(cfg, explicit)
     if from_env().active:
         raise ConfigError("train.mode=async runs one learner process; start it without torchrun")
-    setup_process(cfg.run)
-    method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
-    method.check_scoring(cfg.scoring.top_k)
-    check_sampler(RayWorkerPool, method)
-    source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
-    heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
-    ckpt = resume_point(cfg)
+    run = prepare_training(cfg, argv or sys.argv, ALONE, RayWorkerPool,
+                           wrap_source=lambda s: _TrainedFeed(s, cfg.rollout.prompts_per_step))
+    method, feed, pair, parts, ctx = run.method, run.source, run.pair, run.parts, run.ctx
     m, a = cfg.model, cfg.asynchronous
-    pair = load_configured_pair(m, cfg.run.device, cfg.run.dtype)
-    if ckpt is not None:
-        load_weights(pair.student, ckpt)
-    method.attach(pair.tokenizer)
-    reference = load_reference(method.reference_model(m.student), pair, m)
-    parts = assemble(cfg, pair, ALONE, torch.Generator(device=pair.device), reference=reference)
-    feed = _TrainedFeed(source, cfg.rollout.prompts_per_step)
-    ctx = open_run(cfg, argv or sys.argv, ALONE, eval_model=parts.policy, tokenizer=pair.tokenizer,
-                   device=pair.device, dtype=pair.dtype, source=feed, heldout=heldout, learner=parts.learner,
-                   method=method)
-    parts.sampler.sync_weights(None, ctx.state.step)
     pool = RayWorkerPool(a.workers, m.student, cfg.run.device, cfg.run.dtype, cfg.run.seed, a.worker_threads,
                          address=cfg.run.ray_address, trust_remote_code=m.trust_remote_code,
                          attn_implementation=m.attn_implementation)

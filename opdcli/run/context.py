@@ -111,11 +111,11 @@ def resume_point(cfg: Any) -> Path | None:
 
 def open_run(cfg: Any, argv: list[str], d: Dist, *, eval_model: Any, tokenizer: Any, device: torch.device,
              dtype: torch.dtype, source: Any, heldout: list[Any] | None, learner: Any = None, method: Any = None,
-             write_rollouts: bool = True) -> RunContext:
-    """Prepare the run directory and restore a resumed run's trainer state (weights are the caller's)."""
+             write_rollouts: bool = True, ckpt: Path | None = None) -> RunContext:
+    """Prepare the run directory and restore the trainer state of `ckpt` (resume_point(cfg); the
+    caller has loaded its weights)."""
     run_dir = Path(cfg.run.out_dir).expanduser()
     state = TrainState()
-    ckpt = resume_point(cfg)
     if ckpt is not None:
         state = load_trainer_state(ckpt, learner.load_optimizer_state)
         source.skip_to(state.prompt_position)
