@@ -223,6 +223,11 @@ class AsyncConfig:
     """Drop rows sampled more than this many versions ago (null: keep every row)."""
     worker_threads: int = 1
     """torch CPU threads per worker."""
+    worker_scoring: bool = False
+    """Workers also load the teacher and score the tokens they sampled; method fopd then measures
+    the supervision drift of that stored signal (and trains on it with options.supervision=stored)."""
+    max_restarts: int = 2
+    """Times each worker is replaced after its process dies before the run stops (0: stop at once)."""
 
 
 @dataclass(frozen=True)

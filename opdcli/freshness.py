@@ -10,7 +10,7 @@ Per sample i with response mask m, at learner time with the current student's lo
 Samples with f_i < f_min or lag_i > max_lag are dropped; the kept ones weigh u_i = f_i / mean(f)
 over the kept samples. The token-level truncated importance ratio is min(exp(delta_t), C), and
 the drift penalty's coefficient doubles or halves when the batch mean of D_roll is above or
-below a target. The asynchronous loop that uses these is not written yet.
+below a target. Method fopd (opdcli.methods.fopd) applies them in the asynchronous loop.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def local_rows(out: MethodOutput, d: Dist) -> MethodOutput:
     start, stop = d.shard(out.weights_B_T.shape[0])
     adv = out.advantages_B_T
     return MethodOutput(weights_B_T=out.weights_B_T[start:stop],
-                        advantages_B_T=None if adv is None else adv[start:stop])
+                        advantages_B_T=None if adv is None else adv[start:stop], drift_penalty=out.drift_penalty)
 
 
 def learn(learner, scorer: Scorer, rollout: RolloutBatch, scored: ScoredBatch, mine: MethodOutput, cfg,
@@ -121,7 +121,8 @@ def learn(learner, scorer: Scorer, rollout: RolloutBatch, scored: ScoredBatch, m
     def micro_loss(sl: slice, normalizer: float):
         adv = None if mine.advantages_B_T is None else mine.advantages_B_T[sl]
         return objective_loss(learner.module, rollout.rows(sl), scored.rows(sl), mine.weights_B_T[sl], adv,
-                              cfg.loss, normalizer, cfg.scoring.chunk_tokens, scorer.teacher_logits)
+                              cfg.loss, normalizer, cfg.scoring.chunk_tokens, scorer.teacher_logits,
+                              drift_penalty=mine.drift_penalty)
 
     trained = float(((mine.weights_B_T > 0) & (scored.mask_B_T > 0)).sum())
     metrics = train_on(rollout.batch_size, float(scored.mask_B_T.sum()), cfg.optim.grad_accum, micro_loss, d)
@@ -155,7 +156,8 @@ def train_on(rows: int, tokens: float, micro_batches: int, micro_loss: MicroLoss
     return out
 
 
-SUMMED = frozenset({"loss/pg", "loss/topk_pg", "loss/rkl", "loss/fkl", "loss/jsd", "loss/tokens"})
+SUMMED = frozenset({"loss/pg", "loss/topk_pg", "loss/rkl", "loss/fkl", "loss/jsd", "loss/tokens",
+                    "loss/drift_penalty"})
 """Loss metrics that are each rank's share of a global sum (divided by the global normaliser)."""
 
 

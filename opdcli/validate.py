@@ -56,6 +56,15 @@ def validate_train_config(cfg: TrainRunConfig, explicit: set[str]) -> None:
         if a.workers < 1 or a.buffer < 1 or a.worker_threads < 1 or (a.max_lag is not None and a.max_lag < 0):
             raise ConfigError("asynchronous.workers, buffer and worker_threads must be at least 1 and "
                               "max_lag >= 0 (or null)")
+        if a.max_restarts < 0:
+            raise ConfigError(f"asynchronous.max_restarts is {a.max_restarts}; it must be >= 0")
+    if cfg.method.name == "fopd" and (cfg.rollout.top_p < 1 or cfg.rollout.top_k > 0 or cfg.rollout.temperature != 1.0):
+        raise ConfigError("method fopd measures drift between the sampler's and the student's log-probs, which "
+                          "rollout.temperature/top_p/top_k make differ even without lag; set them to 1/1/0")
+    stored = cfg.method.name == "fopd" and cfg.method.options.get("supervision") == "stored"
+    if stored and not (cfg.train.mode == "async" and cfg.asynchronous.worker_scoring):
+        raise ConfigError("method.options.supervision=stored trains on the rollout workers' own teacher scores; "
+                          "set train.mode=async and asynchronous.worker_scoring=true, or supervision=fresh")
     if (cfg.rollout.top_p < 1 or cfg.rollout.top_k > 0 or cfg.rollout.temperature != 1.0) and obj != "sampled":
         warnings.warn(f"rollouts are not sampled from the student itself (temperature/top-p/top-k) and "
                       f"loss.objective={obj} has no importance ratio: the gradient is biased", stacklevel=2)

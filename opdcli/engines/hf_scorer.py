@@ -74,7 +74,15 @@ class HFScorer:
             student_topk_lp_B_T_K=cat["s_top"], teacher_topk_ids_B_T_K=cat["t_ids"],
             teacher_topk_lp_B_T_K=cat["t_top"], teacher_lp_on_student_topk_B_T_K=cat["t_on_s"],
             version_B=batch.version_B.clone(), ref_lp_B_T=cat.get("r_lp"), teacher_hidden_B_T_H=cat.get("t_h"),
+            stored_teacher_lp_B_T=batch.teacher_lp_B_T,
         )
+
+    @torch.no_grad()
+    def teacher_token_lp(self, batch: RolloutBatch) -> torch.Tensor:
+        """The teacher's log-probs of the sampled tokens only, (B, T) (a rollout worker's scoring)."""
+        parts = [self._stats(self.teacher, batch.rows(slice(a, a + self.batch_size)), 1)[0].lp_B_T
+                 for a in range(0, batch.batch_size, self.batch_size)]
+        return torch.cat(parts, 0)
 
 
 def score_rollouts(student, teacher, batch: RolloutBatch, *, k: int, chunk_tokens: int, batch_size: int,

@@ -8,6 +8,7 @@ cluster unless `run.ray_address` names one to join.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -20,32 +21,47 @@ class RolloutWorker:
     """The body of the Ray actor (plain Python so that it is testable without Ray)."""
 
     def __init__(self, model: str, device: str, dtype: str, seed: int, threads: int, *,
+                 teacher: str | None = None, chunk_tokens: int = 1024, score_batch: int = 64,
                  trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> None:
         from opdcli.engines.hf_sampler import HFSampler
+        from opdcli.engines.hf_scorer import HFScorer
         from opdcli.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
         torch.set_num_threads(threads)
         dev = resolve_device(device)
-        lm = load_model(model, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
-                        attn_implementation=attn_implementation)
-        self.sampler = HFSampler(lm, load_tokenizer(model, trust_remote_code),
+
+        def load(path: str):
+            return load_model(path, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
+                              attn_implementation=attn_implementation)
+
+        self.sampler = HFSampler(load(model), load_tokenizer(model, trust_remote_code),
                                  generator=torch.Generator(device=dev).manual_seed(seed))
+        self.scorer = None if teacher is None else HFScorer(None, load(teacher), k=1, chunk_tokens=chunk_tokens,
+                                                            batch_size=score_batch)
 
     def sample(self, prompt_texts_P: list[str], params: SamplingParams, control: GenerationControl | None,
                weights: dict[str, torch.Tensor] | None, version: int) -> tuple[RolloutBatch, float]:
-        """(the batch, stamped with the version it was sampled with; seconds spent)."""
+        """(the batch on CPU, stamped with the version it was sampled with and, with a teacher,
+        carrying its log-probs of the sampled tokens; seconds spent)."""
         start = time.perf_counter()
         if weights is not None:
             self.sampler.sync_weights(weights, version)
         batch = self.sampler.sample(prompt_texts_P, params, control=control)
+        if self.scorer is not None:
+            batch = dataclasses.replace(batch, teacher_lp_B_T=self.scorer.teacher_token_lp(batch))
         seconds = time.perf_counter() - start
-        return batch, seconds
+        return batch.to("cpu"), seconds
+
+    def ready(self) -> bool:
+        """True once the models are loaded (the actor's constructor has run)."""
+        return True
 
 
 class RayWorkerPool:
     """`n` RolloutWorker actors; the sampler interface the asynchronous loop uses.
 
-    It cannot host a per-token stop rule (the workers have no teacher): `supports_stop_rules`.
+    It cannot host a per-token stop rule (the workers have no follower): `supports_stop_rules`.
+    A worker whose process died is replaced by `restart` (new seed, weights sent again).
     """
 
     name = "ray-hf"
@@ -59,12 +75,22 @@ class RayWorkerPool:
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      num_cpus=None if address else max(n + 1, 2))
-        actor = ray.remote(num_cpus=1)(RolloutWorker)
-        self.workers = [actor.remote(model, device, dtype, seed + 1000 * (i + 1), threads, **load)
-                        for i in range(n)]
+        self._actor = ray.remote(num_cpus=1)(RolloutWorker)
+        self._args, self._load, self.seed = (model, device, dtype), dict(load, threads=threads), seed
+        self.restarts = [0] * n
+        self.workers = [self._start(i) for i in range(n)]
         self.versions = [-1] * n
         self.weights_ref: Any = None
         self.version = 0
+
+    def _start(self, i: int) -> Any:
+        seed = self.seed + 1000 * (i + 1) + 100_000 * self.restarts[i]
+        load = dict(self._load)
+        return self._actor.remote(*self._args, seed, load.pop("threads"), **load)
+
+    def wait_ready(self) -> None:
+        """Block until every worker has loaded its models (so that step timings exclude it)."""
+        self.ray.get([w.ready.remote() for w in self.workers])
 
     def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
         """Put new weights in the object store (once); workers pick them up at their next batch."""
@@ -78,8 +104,28 @@ class RayWorkerPool:
         return self.workers[i].sample.remote(prompt_texts_P, params, control,
                                              self.weights_ref if stale else None, self.version)
 
+    def died(self, exc: BaseException) -> bool:
+        """Whether `exc` (from ray.get) means the worker's process is gone, not a bug in its task."""
+        e = self.ray.exceptions
+        return isinstance(exc, (e.ActorDiedError, e.ActorUnavailableError, e.WorkerCrashedError,
+                                e.NodeDiedError, e.ObjectLostError))
+
+    def restart(self, i: int) -> None:
+        """Replace worker `i` by a fresh actor (its next batch gets the current weights)."""
+        try:
+            self.ray.kill(self.workers[i])
+        except Exception:  # noqa: BLE001 - already gone is what we expect
+            pass
+        self.restarts[i] += 1
+        self.workers[i] = self._start(i)
+        self.versions[i] = -1
+
     def close(self) -> None:
+        """Kill every actor and, when this process started the cluster, stop it."""
         for w in self.workers:
-            self.ray.kill(w)
+            try:
+                self.ray.kill(w)
+            except Exception:  # noqa: BLE001 - a dead actor needs no killing
+                pass
         self.workers = []
         self.ray.shutdown()

@@ -98,6 +98,8 @@ class RolloutBatch:
     including the EOS token, and 0 on padding after it. `version_B` is the policy version of
     the weights that sampled each row, stamped by the sampler. `stopped_B` marks rows ended by
     a stop rule; `follower_tokens` counts the teacher tokens scored during sampling.
+    `teacher_lp_B_T` holds the teacher's log-probs of the sampled tokens when the rollout
+    worker scored them itself (asynchronous.worker_scoring), else None.
     """
 
     input_ids_B_L: torch.Tensor
@@ -112,6 +114,7 @@ class RolloutBatch:
     version_B: torch.Tensor | None = None
     stopped_B: torch.Tensor | None = None
     follower_tokens: int = 0
+    teacher_lp_B_T: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -120,6 +123,12 @@ class RolloutBatch:
     @property
     def response_len(self) -> int:
         return int(self.response_ids_B_T.shape[1])
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The same batch with every tensor on `device` (e.g. a rollout worker's CPU batch)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
+                                            for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def rows(self, index_b: list[int] | slice) -> RolloutBatch:
         """A sub-batch of rows (prompt texts are kept whole; prompt_index_B still points in)."""
@@ -134,7 +143,7 @@ class RolloutBatch:
             response_ids_B_T=self.response_ids_B_T[t], response_mask_B_T=self.response_mask_B_T[t],
             behavior_lp_B_T=self.behavior_lp_B_T[t], finished_B=self.finished_B[t],
             prompt_index_B=tuple(self.prompt_index_B[i] for i in idx),
-            version_B=pick(self.version_B), stopped_B=pick(self.stopped_B))
+            version_B=pick(self.version_B), stopped_B=pick(self.stopped_B), teacher_lp_B_T=pick(self.teacher_lp_B_T))
 
 
 @dataclass(frozen=True)
@@ -143,7 +152,9 @@ class ScoredBatch:
 
     Shapes: B sequences, T response positions, K top-K. `teacher_lp_on_student_topk_B_T_K`
     holds the teacher's log-probs of the student's top-K ids. `version_B` is the policy
-    version that sampled each row (copied from the rollout).
+    version that sampled each row (copied from the rollout). `stored_teacher_lp_B_T` is the
+    rollout worker's own teacher scoring of the same tokens, when it did one (f-OPD compares
+    the advantage it implies with the fresh one: supervision drift).
     """
 
     response_ids_B_T: torch.Tensor
@@ -158,6 +169,7 @@ class ScoredBatch:
     teacher_lp_on_student_topk_B_T_K: torch.Tensor
     version_B: torch.Tensor
     ref_lp_B_T: torch.Tensor | None = None
+    stored_teacher_lp_B_T: torch.Tensor | None = None
     teacher_hidden_B_T_H: torch.Tensor | None = None
     """Kept only for full-distribution objectives, which need the teacher's logits again
     (through `Scorer.teacher_logits`)."""

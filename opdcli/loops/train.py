@@ -13,6 +13,7 @@ sequences; the result equals one process running the same global batch.
 from __future__ import annotations
 
 import sys
+import time
 
 from opdcli import dist, stages
 from opdcli.assembly import Parts
@@ -75,6 +76,7 @@ def _run(cfg: TrainRunConfig, argv: list[str], d: dist.Dist) -> RunResult:
     ctx.log_eval(ctx.state.step, before, "before")
     with progress_bar(cfg.train.max_steps, ctx.state.step, "opd train", show=d.is_main) as bar:
         for step_idx in range(ctx.state.step, cfg.train.max_steps):
+            t0 = time.perf_counter()
             metrics, logged = step(cfg=cfg, parts=parts, method=method, source=source, tokenizer=pair.tokenizer,
                                    step_idx=step_idx, d=d)
             if cfg.train.rollouts_every and step_idx % cfg.train.rollouts_every == 0 and d.is_main:
@@ -83,6 +85,7 @@ def _run(cfg: TrainRunConfig, argv: list[str], d: dist.Dist) -> RunResult:
                     write_rollout_records(ctx.rollouts, ctx.run_id, step_idx, prompts, rows, whole, out,
                                           decode_responses(pair.tokenizer, rows), method.name,
                                           cfg.train.rollouts_topk)
+            metrics["time/step_total"] = time.perf_counter() - t0  # the step's wall time, before eval
             ctx.periodic(step_idx, metrics, parts.learner, method)
             bar.advance(metrics)
     after = ctx.evaluate()

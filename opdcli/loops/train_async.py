@@ -13,6 +13,7 @@ Method `fopd` turns lag and drift into freshness weights; any other method runs 
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections import deque
@@ -26,7 +27,7 @@ from opdcli.engines.ray_workers import RayWorkerPool
 from opdcli.errors import ConfigError, OpdError
 from opdcli.records.rows import write_rollout_records
 from opdcli.run.context import RunResult
-from opdcli.run.progress import progress_bar
+from opdcli.run.progress import console, progress_bar
 from opdcli.run.setup import prepare_training
 from opdcli.run.tracking import timed
 from opdcli.validate import validate_train_config
@@ -61,11 +62,14 @@ def run_train_async(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | N
     m, a = cfg.model, cfg.asynchronous
     pool = RayWorkerPool(a.workers, m.student, cfg.run.device, cfg.run.dtype, cfg.run.seed, a.worker_threads,
                          address=cfg.run.ray_address, trust_remote_code=m.trust_remote_code,
-                         attn_implementation=m.attn_implementation)
+                         attn_implementation=m.attn_implementation,
+                         teacher=m.teacher if a.worker_scoring else None, chunk_tokens=cfg.scoring.chunk_tokens,
+                         score_batch=cfg.scoring.batch_size)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops like Ctrl-C
     try:
         before = ctx.evaluate()
         ctx.log_eval(ctx.state.step, before, "before")
-        _loop(cfg, parts, method, feed, pool, ctx, pair.tokenizer)
+        _loop(cfg, parts, method, feed, pool, ctx, pair.tokenizer, pair.device)
         after = ctx.evaluate()
         ctx.log_eval(ctx.state.step, after, "after")
         ctx.save(parts.learner, method, final=True)
@@ -73,23 +77,59 @@ def run_train_async(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | N
         ctx.save(parts.learner, method)  # a loadable checkpoint of the steps done
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         pool.close()
         ctx.close()
     return RunResult(str(ctx.run_dir), before, after, ctx.state.step)
 
 
-def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorkerPool, ctx, tokenizer) -> None:
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _collect(pool: RayWorkerPool, inflight: deque, resubmit, max_restarts: int):
+    """The oldest batch in flight: (rollout, seconds, worker, prompts). A worker whose process died
+    is replaced and its batch sampled again (up to `max_restarts` times per worker); any other
+    failure stops the run with the worker's own last error line."""
+    while True:
+        ref, worker, prompts = inflight.popleft()
+        try:
+            rollout, seconds = pool.ray.get(ref)
+            return rollout, seconds, worker, prompts
+        except pool.ray.exceptions.RayError as exc:
+            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            if not pool.died(exc):
+                raise OpdError(f"rollout worker {worker} failed: {cause}") from None
+            if pool.restarts[worker] >= max_restarts:
+                raise OpdError(f"rollout worker {worker} died ({type(exc).__name__}: {cause}) after "
+                               f"{pool.restarts[worker]} restart(s); raise asynchronous.max_restarts or "
+                               "look at the worker's log under /tmp/ray/session_latest/logs") from None
+            pool.restart(worker)
+            console.print(f"[yellow]rollout worker {worker} died ({type(exc).__name__}); restarted it "
+                          f"({pool.restarts[worker]} of {max_restarts}) and resampled its batch[/]")
+            inflight.appendleft((resubmit(worker, prompts), worker, prompts))
+
+
+def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorkerPool, ctx, tokenizer,
+          device) -> None:
     a, P = cfg.asynchronous, cfg.rollout.prompts_per_step
     params = stages.sampling_params(cfg.rollout)
     pool.publish(parts.learner.module.lm.state_dict(), ctx.state.step)
     inflight: deque = deque()
 
+    def send(worker: int, prompts):
+        control = method.generation_control(cfg.rollout.max_new_tokens, pool.version)
+        return pool.submit(worker, [render(tokenizer, p) for p in prompts], params, control)
+
     def submit(worker: int) -> None:
         prompts = feed.next_batch(P)
-        control = method.generation_control(cfg.rollout.max_new_tokens, pool.version)
-        inflight.append((pool.submit(worker, [render(tokenizer, p) for p in prompts], params, control), worker, prompts))
+        inflight.append((send(worker, prompts), worker, prompts))
         feed.inflight = len(inflight)
 
+    try:
+        pool.wait_ready()
+    except pool.ray.exceptions.RayError as exc:
+        raise OpdError(f"a rollout worker could not start: {(str(exc).strip().splitlines() or [''])[-1]}") from None
     for k in range(a.buffer):
         submit(k % a.workers)
     start, generated, busy = time.perf_counter(), 0.0, 0.0
@@ -97,11 +137,8 @@ def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorke
         while ctx.state.step < cfg.train.max_steps:
             step_idx, metrics, t0 = ctx.state.step, {}, time.perf_counter()
             with timed(metrics, "wait"):  # the learner's idle time
-                ref, worker, prompts = inflight.popleft()
-                try:
-                    rollout, seconds = pool.ray.get(ref)
-                except pool.ray.exceptions.RayError as exc:
-                    raise OpdError(f"rollout worker {worker} failed: {str(exc).strip().splitlines()[-1]}") from None
+                rollout, seconds, worker, prompts = _collect(pool, inflight, send, a.max_restarts)
+                rollout = rollout.to(device)
                 fill = len(pool.ray.wait([r for r, _, _ in inflight], num_returns=len(inflight), timeout=0)[0]) \
                     if inflight else 0
             submit(worker)  # the worker goes on at once, with the newest weights
@@ -111,6 +148,7 @@ def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorke
             keep = [b for b, lag in enumerate(lag_B.tolist()) if a.max_lag is None or lag <= a.max_lag]
             metrics |= {"async/lag_mean": float(lag_B.float().mean()), "async/lag_max": float(lag_B.max()),
                         "async/lag_p50": float(lag_B.float().median()),
+                        "async/lag_p90": float(lag_B.float().quantile(0.9)),
                         "async/dropped_stale_frac": 1.0 - len(keep) / max(1, rollout.batch_size),
                         "async/buffer_fill": fill / max(1, a.buffer)}
             if keep:
@@ -133,7 +171,8 @@ def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorke
             wall = time.perf_counter() - start
             metrics |= {"async/learner_idle_frac": metrics["time/wait"] / max(1e-9, time.perf_counter() - t0),
                         "async/worker_idle_frac": max(0.0, 1.0 - busy / max(1e-9, a.workers * wall)),
-                        "async/generated_tokens_per_s": generated / max(1e-9, wall)}
+                        "async/generated_tokens_per_s": generated / max(1e-9, wall),
+                        "time/step_total": time.perf_counter() - t0}  # the step's wall time, before eval
             if not keep:  # every row was too stale: no optimizer step, nothing trained
                 ctx.metrics.log(step_idx, metrics)
                 continue

@@ -29,6 +29,8 @@ class MethodOutput:
     advantages_B_T: replacement advantages for the policy-gradient objectives, or None.
     token_outputs: per-token arrays (B, T) written to rollouts.jsonl under method.token.
     trajectory_outputs: per-row values (lists of length B) under method.trajectory.
+    drift_penalty: coefficient of the drift penalty added to the objective on the trained
+        tokens (`losses.drift_penalty_loss`; f-OPD), 0 for none.
     """
 
     weights_B_T: torch.Tensor
@@ -36,6 +38,7 @@ class MethodOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     token_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     trajectory_outputs: dict[str, list[Any]] = field(default_factory=dict)
+    drift_penalty: float = 0.0
 
 
 class Method:

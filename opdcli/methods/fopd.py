@@ -1,28 +1,43 @@
-"""f-OPD: freshness-aware weights for asynchronous on-policy distillation (arXiv 2605.17862).
+"""f-OPD: freshness-aware control for asynchronous on-policy distillation (arXiv 2605.17862).
 
-Each buffered sample gets a freshness f_i = exp(-D_roll_i / tau_r - eta * lag_i), D_roll_i being
-the k3 estimate of KL(p_beh || p_theta) between the weights that sampled it and the learner's
-current student (the scorer scores the student at learner time, so the supervision is always
-recomputed and the supervision drift is 0). Samples with f_i < f_min are dropped; the kept ones
-weigh f_i / mean(f), and every token is further weighted by the truncated importance ratio
-min(p_theta / p_beh, is_cap) (methods.md §4.2; math in opdcli.freshness). Lags above
+Each buffered sample gets a freshness
+
+    f_i = exp(-D_roll_i / tau_r - D_sup_i / tau_s - eta * lag_i)
+
+D_roll_i is the k3 estimate of KL(p_beh || p_theta) between the weights that sampled it and
+the learner's current student. D_sup_i = mean_t |A_stored - A_fresh| compares the advantage the
+rollout worker's own teacher scoring implies (log q - log p_beh; asynchronous.worker_scoring)
+with the one recomputed at learner time (log q - log p_theta); without worker scoring it is 0.
+Samples with f_i < f_min are dropped; the kept ones weigh f_i / mean(f); every token is
+further weighted by the truncated importance ratio min(p_theta / p_beh, is_cap); and a drift
+penalty beta * k3 is added to the objective, beta doubling / halving while the batch's mean
+D_roll is above / below `drift_target` (methods.md §4.2; math in opdcli.freshness). Lags above
 `asynchronous.max_lag` are dropped by the loop before scoring.
 
-Departures from the §4.2 design, for now: no adaptive drift penalty (it is a loss term, not a
-weight) and no worker-side teacher scoring (so no stored advantage to compare against).
+Every piece switches off on its own: tau_r / tau_s 0, f_min 0, reweight false, is_cap null,
+drift_target null, supervision stored (train on the stale signal, as a loop without
+recomputation would).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from opdcli.engines.types import ScoredBatch
 from opdcli.errors import ConfigError
-from opdcli.freshness import freshness, keep_and_weights, rollout_drift, truncated_ratio
+from opdcli.freshness import (
+    AdaptiveDriftPenalty,
+    freshness,
+    keep_and_weights,
+    rollout_drift,
+    supervision_drift,
+    truncated_ratio,
+)
 from opdcli.methods.base import Method, MethodOutput, register
-from opdcli.signals import masked_mean
+from opdcli.signals import masked_mean, sampled_advantage
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,15 @@ class FopdConfig:
     """Weigh kept samples by f_i / mean(f); false gives them weight 1."""
     is_cap: float | None = 2.0
     """Cap C of the token-level truncated importance ratio min(p_theta / p_beh, C); null: none."""
+    tau_s: float = 0.5
+    """Supervision-drift temperature; 0 switches the term off (it is 0 without worker scoring)."""
+    supervision: Literal["fresh", "stored"] = "fresh"
+    """fresh: train on the advantage recomputed at learner time; stored: on the rollout worker's
+    (asynchronous.worker_scoring; loss.objective=sampled)."""
+    drift_target: float | None = 0.02
+    """Target d* of the batch-mean D_roll for the adaptive drift penalty; null: no penalty."""
+    beta_init: float = 0.0
+    """The drift penalty's starting coefficient."""
 
 
 @register
@@ -54,19 +78,35 @@ class FreshnessOPD(Method):
         if cfg.is_cap is not None and loss.objective == "sampled" and loss.surrogate != "pg":
             raise ConfigError("method.options.is_cap would correct the importance ratio twice with "
                               f"loss.surrogate={loss.surrogate}; set loss.surrogate=pg or is_cap: null")
+        if cfg.tau_s < 0 or cfg.beta_init < 0 or (cfg.drift_target is not None and cfg.drift_target <= 0):
+            raise ConfigError("method.options.tau_s and beta_init must be >= 0 and drift_target > 0 (or null)")
+        if cfg.supervision not in ("fresh", "stored"):
+            raise ConfigError(f"method.options.supervision is {cfg.supervision!r}; use fresh or stored")
+        if cfg.supervision == "stored" and loss.objective != "sampled":
+            raise ConfigError("method.options.supervision=stored replaces the sampled-token advantage; "
+                              f"loss.objective={loss.objective} has none: set loss.objective=sampled")
+        self.penalty = None if cfg.drift_target is None else AdaptiveDriftPenalty(cfg.drift_target, cfg.beta_init)
 
     def apply(self, scored: ScoredBatch, advantages_B_T: torch.Tensor, step: int) -> MethodOutput:
         c, m = self.cfg, scored.mask_B_T
         lag_B = (step - scored.version_B.to(m.device)).clamp(min=0).float()
         d_roll_B = rollout_drift(scored.student_lp_B_T, scored.behavior_lp_B_T, m)
-        f_B = freshness(d_roll_B, torch.zeros_like(d_roll_B), lag_B, tau_r=c.tau_r, tau_s=0.0, eta=c.eta)
+        stored_B_T = None
+        if scored.stored_teacher_lp_B_T is not None:  # the worker's teacher, against the sampler's log-probs
+            stored_B_T = sampled_advantage(scored.stored_teacher_lp_B_T.to(m.device), scored.behavior_lp_B_T, m,
+                                           self.loss.kl_coef, self.loss.discount)
+        elif c.supervision == "stored":
+            raise ConfigError("method.options.supervision=stored needs rows scored by the rollout workers; "
+                              "set asynchronous.worker_scoring=true")
+        d_sup_B = supervision_drift(stored_B_T, advantages_B_T, m)
+        f_B = freshness(d_roll_B, d_sup_B, lag_B, tau_r=c.tau_r, tau_s=c.tau_s, eta=c.eta)
         keep_B, u_B = keep_and_weights(f_B, lag_B, f_min=c.f_min, max_lag=None, reweight=c.reweight)
         w_B_T = u_B[:, None] * (m > 0)
         p = f"method/{self.name}/"
         metrics = {p + "freshness_mean": float(f_B.mean()),
                    p + "freshness_p10": float(f_B.quantile(0.1)), p + "freshness_p90": float(f_B.quantile(0.9)),
                    p + "dropped_frac": float((~keep_B).float().mean()), p + "d_roll_mean": float(d_roll_B.mean()),
-                   p + "d_sup_mean": 0.0}
+                   p + "d_sup_mean": float(d_sup_B.mean())}
         if c.is_cap is not None:
             rho_B_T, frac = truncated_ratio(scored.student_lp_B_T, scored.behavior_lp_B_T, c.is_cap, m)
             w_B_T = w_B_T * rho_B_T
@@ -74,7 +114,23 @@ class FreshnessOPD(Method):
             metrics |= {p + "is_ratio_mean": float(masked_mean(raw, m)),
                         p + "is_ratio_max": float(raw[m > 0].max()) if bool((m > 0).any()) else 0.0,
                         p + "is_clipfrac": frac}
+        beta = 0.0
+        if self.penalty is not None:  # this batch trains with the current beta, then beta adapts
+            kept_drift = float(d_roll_B[keep_B].mean()) if bool(keep_B.any()) else 0.0
+            beta = self.penalty.beta
+            metrics |= {p + "drift_beta": beta, p + "drift_beta_next": self.penalty.update(kept_drift)}
         return MethodOutput(weights_B_T=w_B_T.detach(), metrics=metrics,
+                            advantages_B_T=stored_B_T if c.supervision == "stored" else None,
                             token_outputs={"is_weight": w_B_T.detach()},
                             trajectory_outputs={"freshness": [float(x) for x in f_B.tolist()],
-                                                "kept": [bool(x) for x in keep_B.tolist()]})
+                                                "kept": [bool(x) for x in keep_B.tolist()],
+                                                "d_roll": [float(x) for x in d_roll_B.tolist()],
+                                                "d_sup": [float(x) for x in d_sup_B.tolist()]},
+                            drift_penalty=beta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.penalty is None else {"drift_penalty": self.penalty.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.penalty is not None and "drift_penalty" in state:
+            self.penalty.load_state_dict(state["drift_penalty"])
