@@ -37,7 +37,8 @@ def arms(buffer: int, workers: int) -> dict[str, list[str]]:
               f"asynchronous.max_lag={buffer}", "asynchronous.worker_threads=1", "run.threads=1"]
     return {"sync": ["method.name=opd", "run.threads=2"],
             "async-no-control": ["method.name=opd", *lagged],
-            "fopd": ["method.name=fopd", *lagged]}
+            "fopd": ["method.name=fopd", *lagged],
+            "fopd-no-penalty": ["method.name=fopd", "method.options.drift_target=null", *lagged]}
 
 
 def run_one(out: Path, task: str, arm: str, sets: list[str], seed: int, steps: int | None) -> dict:
@@ -54,8 +55,13 @@ def run_one(out: Path, task: str, arm: str, sets: list[str], seed: int, steps: i
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
     if proc.returncode != 0:
         raise SystemExit(f"{task}/{arm}/seed{seed} failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return summarize(rows) | {"task": task, "arm": arm, "seed": seed, "process_s": time.perf_counter() - start}
+    return {"task": task, "arm": arm, "seed": seed, "process_s": time.perf_counter() - start}
+
+
+def load(out: Path, run: dict) -> dict:
+    """A finished run's figures, read from its metrics.jsonl."""
+    path = out / run["task"] / run["arm"] / f"seed{run['seed']}" / "metrics.jsonl"
+    return run | summarize([json.loads(line) for line in path.read_text().splitlines()])
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -65,7 +71,8 @@ def summarize(rows: list[dict]) -> dict:
         if "eval_before/heldout/accuracy" in r:
             curve.append((0, 0.0, r["eval_before/heldout/accuracy"]))
             continue
-        if "eval_after/heldout/accuracy" in r:
+        if "eval_after/heldout/accuracy" in r:  # the last step's evaluation
+            curve.append((r["progress/step"], train_s, r["eval_after/heldout/accuracy"]))
             continue
         train_s += r.get("time/step_total", 0.0)
         tokens += r.get("rollout/tokens", 0.0)
@@ -141,7 +148,7 @@ def _plot(out: Path, runs: list[dict]) -> None:
 
     tasks = sorted({r["task"] for r in runs})
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.6 * len(tasks)), squeeze=False)
-    colors = {"sync": "C0", "async-no-control": "C3", "fopd": "C2"}
+    colors = {"sync": "C0", "async-no-control": "C3", "fopd": "C2", "fopd-no-penalty": "C1"}
     for i, task in enumerate(tasks):
         for r in (r for r in runs if r["task"] == task):
             steps, secs, acc = zip(*r["curve"], strict=True)
@@ -175,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{task} {arm} seed {seed} ...", flush=True)
                 runs.append(run_one(a.out, task, arm, sets, seed, a.steps))
                 with done.open("a") as fh:
-                    fh.write(json.dumps(runs[-1]) + "\n")
-    report(a.out, [r for r in runs if r["task"] in a.tasks and r["seed"] in a.seeds])
+                    fh.write(json.dumps({k: runs[-1][k] for k in ("task", "arm", "seed", "process_s")}) + "\n")
+    report(a.out, [load(a.out, r) for r in runs if r["task"] in a.tasks and r["seed"] in a.seeds])
 
 
 if __name__ == "__main__":
