@@ -10,7 +10,7 @@ Per sample i with response mask m, at learner time with the current student's lo
 Samples with f_i < f_min or lag_i > max_lag are dropped; the kept ones weigh u_i = f_i / mean(f)
 over the kept samples. The token-level truncated importance ratio is min(exp(delta_t), C), and
 the drift penalty's coefficient doubles or halves when the batch mean of D_roll is above or
-below a target. Method fopd (opdcli.methods.fopd) applies them in the asynchronous loop.
+below a target (`drift_penalty_loss` is that penalty as a loss term). Method fopd (opdcli.methods.fopd) applies them in the asynchronous loop.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from opdcli.errors import ConfigError
 
 
 def _row_mean(x_B_T: torch.Tensor, mask_B_T: torch.Tensor) -> torch.Tensor:
@@ -77,6 +79,28 @@ def truncated_ratio(student_lp_B_T: torch.Tensor, behavior_lp_B_T: torch.Tensor,
     clipped = (ratio > cap) & valid
     frac = float(clipped.sum()) / max(1, int(valid.sum()))
     return torch.where(valid, ratio.clamp(max=cap), torch.zeros_like(ratio)), frac
+
+
+def drift_penalty_loss(student_lp_B_T: torch.Tensor, behavior_lp_B_T: torch.Tensor, mask_B_T: torch.Tensor,
+                       beta: float, normalizer: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The drift penalty beta * sum_t m_t (exp(-delta_t) - 1 + delta_t) / normalizer, with grad.
+
+    delta_t = student_lp - behavior_lp (the sampler's log-probs, a constant); each term is the
+    k3 estimate of KL(p_beh || p_theta) at that token, so the penalty pulls the student back
+    towards the weights that sampled the batch. Its gradient in student_lp is
+    beta * (1 - exp(-delta_t)) / normalizer. `normalizer` None: the number of masked tokens.
+    Returns (loss, {"loss/drift_penalty": value}).
+    """
+    if beta < 0:
+        raise ConfigError(f"beta={beta} must be >= 0.")
+    if student_lp_B_T.shape != behavior_lp_B_T.shape or student_lp_B_T.shape != mask_B_T.shape:
+        raise ConfigError(f"student_lp {tuple(student_lp_B_T.shape)}, behavior_lp {tuple(behavior_lp_B_T.shape)} "
+                          f"and mask {tuple(mask_B_T.shape)} must have one shape")
+    valid = mask_B_T > 0
+    delta = torch.where(valid, student_lp_B_T - behavior_lp_B_T.detach(), torch.zeros_like(student_lp_B_T))
+    total = (torch.expm1(-delta) + delta).sum()
+    loss = beta * total / (normalizer if normalizer is not None else max(1, int(valid.sum())))
+    return loss, {"loss/drift_penalty": float(loss.detach())}
 
 
 @dataclass

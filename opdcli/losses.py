@@ -489,36 +489,3 @@ def generalized_jsd_loss(
     tensors += (mask_B_T, weights_B_T)
     return _divergence_loss("loss/jsd", jsd, *tensors, support, k, tail_bucket, normalizer)
 
-
-def drift_penalty_loss(
-    student_lp_B_T: torch.Tensor,
-    behavior_lp_B_T: torch.Tensor,
-    mask_B_T: torch.Tensor,
-    beta: float,
-    normalizer: Normalizer = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """f-OPD's drift penalty ``beta * sum_t m_t (exp(-delta_t) - 1 + delta_t) / normalizer``.
-
-    ``delta_t = student_lp - behavior_lp``; each term is the k3 estimate of
-    KL(p_beh || p_theta) at that token, so the penalty pulls the student back towards the
-    weights that sampled the batch (methods.md §4.2). Its gradient in ``student_lp`` is
-    ``beta * (1 - exp(-delta_t)) / normalizer``.
-
-    Args:
-        student_lp_B_T: (B, T) log-probs of the sampled tokens under the student (with grad).
-        behavior_lp_B_T: (B, T) the sampler's log-probs; a constant.
-        mask_B_T: (B, T) tokens penalised (the trained ones).
-        beta: the coefficient (>= 0).
-        normalizer: see `token_mean`.
-
-    Returns:
-        ``(loss, metrics)`` with metrics loss/drift_penalty.
-    """
-    if beta < 0:
-        raise ConfigError(f"beta={beta} must be >= 0.")
-    valid = _valid(mask_B_T)
-    _check_shape("behavior_lp_B_T", behavior_lp_B_T, valid.shape)
-    _check_shape("student_lp_B_T", student_lp_B_T, valid.shape)
-    delta = _where_valid(student_lp_B_T - behavior_lp_B_T.detach(), valid)
-    loss = beta * token_mean(torch.expm1(-delta) + delta, valid, None, normalizer)
-    return loss, {"loss/drift_penalty": float(loss.detach())}

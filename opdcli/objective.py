@@ -16,6 +16,7 @@ import torch
 from opdcli import losses
 from opdcli.config import LossConfig
 from opdcli.engines.types import RolloutBatch, ScoredBatch
+from opdcli.freshness import drift_penalty_loss
 from opdcli.lm import as_response_lm, map_chunks, token_stats
 
 TeacherLogits = Callable[[torch.Tensor], torch.Tensor]
@@ -75,13 +76,13 @@ def objective_loss(student, batch: RolloutBatch, scored: ScoredBatch, weights_B_
         weights_B_T / advantages_B_T: the method's output for these rows.
         teacher_logits: the scorer's teacher head (full-distribution objectives only).
         drift_penalty: f-OPD's coefficient beta of the drift penalty on the trained tokens
-            (`losses.drift_penalty_loss`), added to the objective; 0 adds nothing.
+            (`freshness.drift_penalty_loss`), added to the objective; 0 adds nothing.
     """
     mask_B_T = scored.mask_B_T
     penalised_B_T = (mask_B_T > 0) & (weights_B_T > 0)
 
     def penalty(lp_B_T: torch.Tensor, sl: slice = slice(None)) -> tuple[torch.Tensor, dict[str, float]]:
-        return losses.drift_penalty_loss(lp_B_T, scored.behavior_lp_B_T[:, sl], penalised_B_T[:, sl],
+        return drift_penalty_loss(lp_B_T, scored.behavior_lp_B_T[:, sl], penalised_B_T[:, sl],
                                          drift_penalty, normalizer)
 
     def with_penalty(result, lp_B_T: torch.Tensor):

@@ -140,7 +140,8 @@ def train_on(rows: int, tokens: float, micro_batches: int, micro_loss: MicroLoss
     `tokens` is this rank's count of trained tokens; the normaliser is their sum over ranks,
     so the gradients summed over micro-batches and ranks are those of the step's token-mean
     loss. Under FSDP the gradient reduction averages over ranks, hence the world-size factor.
-    Returns loss/total (the global loss) and the micro-batch-averaged loss metrics.
+    Returns loss/total (the global loss) and the loss metrics over the micro-batches
+    (`combine_micro`).
     """
     normalizer = max(1.0, d.sum(tokens))
     size = -(-rows // micro_batches)
@@ -150,7 +151,7 @@ def train_on(rows: int, tokens: float, micro_batches: int, micro_loss: MicroLoss
         (loss * d.world if d.active else loss).backward()
         total += float(loss.detach())
         parts.append(metrics)
-    out = {k: sum(m[k] for m in parts) / len(parts) for k in parts[0]} if parts else {}
+    out = {k: combine_micro(k, [m[k] for m in parts]) for k in parts[0]} if parts else {}
     out = reduce_loss_metrics(out, tokens, d)
     out["loss/total"] = d.sum(total)
     return out
@@ -159,6 +160,16 @@ def train_on(rows: int, tokens: float, micro_batches: int, micro_loss: MicroLoss
 SUMMED = frozenset({"loss/pg", "loss/topk_pg", "loss/rkl", "loss/fkl", "loss/jsd", "loss/tokens",
                     "loss/drift_penalty"})
 """Loss metrics that are each rank's share of a global sum (divided by the global normaliser)."""
+
+
+def combine_micro(key: str, values: list[float]) -> float:
+    """One loss metric over micro-batches: shares of the step's sum add up, maxima are maxed,
+    the rest is averaged."""
+    if key in SUMMED:
+        return sum(values)
+    if key.endswith("_max"):
+        return max(values)
+    return sum(values) / len(values)
 
 
 def reduce_loss_metrics(metrics: dict[str, float], tokens: float, d: Dist) -> dict[str, float]:

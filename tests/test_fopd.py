@@ -13,7 +13,7 @@ import torch
 from opdcli.config import LossConfig, TrainRunConfig, load_config
 from opdcli.engines.types import ScoredBatch
 from opdcli.errors import ConfigError
-from opdcli.losses import drift_penalty_loss
+from opdcli.freshness import drift_penalty_loss
 from opdcli.methods import build_method
 from opdcli.signals import sampled_advantage
 from opdcli.validate import validate_train_config

@@ -59,3 +59,24 @@ def test_grad_accumulation_matches_one_batch(tiny_dirs, toy_tokenizer):
             grads.append(torch.cat([p.grad.flatten() for p in s.parameters() if p.grad is not None]))
         assert torch.allclose(grads[0], grads[1], atol=1e-6), objective
         assert grads[0].abs().sum() > 0
+
+
+def test_micro_batch_metrics_add_shares_max_maxima_and_average_means():
+    """A metric that is a share of the step's sum adds up over micro-batches (grad_accum > 1 used
+    to report the mean of the shares); maxima are maxed; means are averaged."""
+    from opdcli.dist import ALONE
+    from opdcli.stages import train_on
+
+    w = torch.ones(4, requires_grad=True)
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+    def micro(sl, normalizer):
+        loss = (w[sl] * values[sl]).sum() / normalizer
+        return loss, {"loss/rkl": float(loss), "loss/ratio_max": float(values[sl].max()),
+                      "loss/ratio_mean": float(values[sl].mean())}
+
+    one = train_on(4, 4.0, 1, micro, ALONE)
+    two = train_on(4, 4.0, 2, micro, ALONE)
+    assert one["loss/rkl"] == pytest.approx(2.5) and two["loss/rkl"] == pytest.approx(2.5)
+    assert two["loss/total"] == pytest.approx(2.5) and two["loss/ratio_max"] == 4.0
+    assert two["loss/ratio_mean"] == pytest.approx((1.5 + 3.5) / 2)

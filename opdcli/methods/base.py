@@ -30,7 +30,7 @@ class MethodOutput:
     token_outputs: per-token arrays (B, T) written to rollouts.jsonl under method.token.
     trajectory_outputs: per-row values (lists of length B) under method.trajectory.
     drift_penalty: coefficient of the drift penalty added to the objective on the trained
-        tokens (`losses.drift_penalty_loss`; f-OPD), 0 for none.
+        tokens (`freshness.drift_penalty_loss`; f-OPD), 0 for none.
     """
 
     weights_B_T: torch.Tensor
