@@ -32,13 +32,18 @@ TASKS = {
 }
 
 
+MAIN_ARMS = ["sync", "async-no-control", "fopd"]
+
+
 def arms(buffer: int, workers: int) -> dict[str, list[str]]:
     lagged = ["train.mode=async", f"asynchronous.workers={workers}", f"asynchronous.buffer={buffer}",
               f"asynchronous.max_lag={buffer}", "asynchronous.worker_threads=1", "run.threads=1"]
     return {"sync": ["method.name=opd", "run.threads=2"],
             "async-no-control": ["method.name=opd", *lagged],
             "fopd": ["method.name=fopd", *lagged],
-            "fopd-no-penalty": ["method.name=fopd", "method.options.drift_target=null", *lagged]}
+            "fopd-no-penalty": ["method.name=fopd", "method.options.drift_target=null", *lagged],
+            "fopd-no-drop": ["method.name=fopd", "method.options.f_min=0", *lagged],
+            "fopd-prefix-is": ["method.name=fopd", "method.options.importance=prefix", *lagged]}
 
 
 def run_one(out: Path, task: str, arm: str, sets: list[str], seed: int, steps: int | None) -> dict:
@@ -148,7 +153,8 @@ def _plot(out: Path, runs: list[dict]) -> None:
 
     tasks = sorted({r["task"] for r in runs})
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.6 * len(tasks)), squeeze=False)
-    colors = {"sync": "C0", "async-no-control": "C3", "fopd": "C2", "fopd-no-penalty": "C1"}
+    colors = {"sync": "C0", "async-no-control": "C3", "fopd": "C2", "fopd-no-penalty": "C1", "fopd-no-drop": "C4",
+              "fopd-prefix-is": "C5"}
     for i, task in enumerate(tasks):
         for r in (r for r in runs if r["task"] == task):
             steps, secs, acc = zip(*r["curve"], strict=True)
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="override every task's optimizer steps")
     p.add_argument("--buffer", type=int, default=8, help="batches in flight = the steady-state lag")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--arms", nargs="+", default=MAIN_ARMS, choices=list(arms(8, 1)),
+                   help="the arms to run (the ablations of f-OPD's pieces are off by default)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     done = a.out / "runs.jsonl"
@@ -177,13 +185,16 @@ def main(argv: list[str] | None = None) -> None:
     for task in a.tasks:
         for seed in a.seeds:
             for arm, sets in arms(a.buffer, a.workers).items():
+                if arm not in a.arms:
+                    continue
                 if any(r["task"] == task and r["arm"] == arm and r["seed"] == seed for r in runs):
                     continue  # finished in an earlier invocation
                 print(f"{task} {arm} seed {seed} ...", flush=True)
                 runs.append(run_one(a.out, task, arm, sets, seed, a.steps))
                 with done.open("a") as fh:
                     fh.write(json.dumps({k: runs[-1][k] for k in ("task", "arm", "seed", "process_s")}) + "\n")
-    report(a.out, [load(a.out, r) for r in runs if r["task"] in a.tasks and r["seed"] in a.seeds])
+    report(a.out, [load(a.out, r) for r in runs if r["task"] in a.tasks and r["seed"] in a.seeds
+                   and r["arm"] in a.arms])
 
 
 if __name__ == "__main__":

@@ -38,14 +38,14 @@ def test_drift_penalty_value_and_gradient_by_hand():
         for t in range(6):
             if mask[b, t]:
                 d = float(lp[b, t].detach() - beh[b, t])
-                total += math.exp(-d) - 1 + d
+                total += math.exp(d) - 1 - d
     assert float(loss.detach()) == pytest.approx(0.3 * total / 7.0, rel=1e-6)
     assert metrics["loss/drift_penalty"] == pytest.approx(float(loss.detach()))
     loss.backward()
     for b in range(3):
         for t in range(6):
             d = float(lp[b, t].detach() - beh[b, t])
-            want = 0.3 * (1 - math.exp(-d)) / 7.0 if mask[b, t] else 0.0
+            want = 0.3 * (math.exp(d) - 1) / 7.0 if mask[b, t] else 0.0
             assert float(lp.grad[b, t]) == pytest.approx(want, abs=1e-7)
     with pytest.raises(ConfigError, match="beta"):
         drift_penalty_loss(lp, beh, mask, beta=-1.0)
@@ -93,7 +93,7 @@ def test_every_objective_adds_the_drift_penalty_on_trained_tokens(objective, tin
     lp = logits.float().log_softmax(-1).gather(-1, batch.response_ids_B_T[..., None])[..., 0]
     trained = (sc.mask_B_T > 0) & (weights > 0)
     d = lp - stale
-    ref = beta * ((torch.exp(-d) - 1 + d) * trained).sum() / n
+    ref = beta * ((torch.exp(d) - 1 - d) * trained).sum() / n
     ref.backward()
     g_ref = torch.cat([p.grad.flatten() for p in s.parameters() if p.grad is not None])
     assert float(ref) > 1e-3
@@ -119,7 +119,7 @@ def _scored(stored: bool, B=4, T=5):
 def test_supervision_drift_compares_the_workers_advantage_with_the_fresh_one():
     s = _scored(stored=True)
     fresh = sampled_advantage(s.teacher_lp_B_T, s.student_lp_B_T, s.mask_B_T, 1.0, 0.0)
-    method = build_method("fopd", {"tau_r": 0.0, "tau_s": 0.5, "is_cap": None, "drift_target": None},
+    method = build_method("fopd", {"tau_r": 0.0, "tau_s": 0.5, "importance": "none", "drift_target": None},
                           LossConfig(objective="sampled", surrogate="pg"))
     out = method.apply(s, fresh, 0)
     for b in range(4):
@@ -130,7 +130,7 @@ def test_supervision_drift_compares_the_workers_advantage_with_the_fresh_one():
         assert out.trajectory_outputs["d_sup"][b] == pytest.approx(d_sup, rel=1e-5)
         assert out.trajectory_outputs["freshness"][b] == pytest.approx(math.exp(-d_sup / 0.5), rel=1e-5)
     assert out.advantages_B_T is None  # fresh supervision: the loop's recomputed advantage stands
-    stored = build_method("fopd", {"supervision": "stored", "is_cap": None},
+    stored = build_method("fopd", {"supervision": "stored", "importance": "none"},
                           LossConfig(objective="sampled", surrogate="pg")).apply(s, fresh, 0)
     want = sampled_advantage(s.stored_teacher_lp_B_T, s.behavior_lp_B_T, s.mask_B_T, 1.0, 0.0)
     assert torch.allclose(stored.advantages_B_T, want)
@@ -138,7 +138,7 @@ def test_supervision_drift_compares_the_workers_advantage_with_the_fresh_one():
     plain = _scored(stored=False)
     assert method.apply(plain, fresh, 0).metrics["method/fopd/d_sup_mean"] == 0.0
     with pytest.raises(ConfigError, match="worker_scoring=true"):
-        build_method("fopd", {"supervision": "stored", "is_cap": None},
+        build_method("fopd", {"supervision": "stored", "importance": "none"},
                      LossConfig(objective="sampled", surrogate="pg")).apply(plain, fresh, 0)
 
 
@@ -158,6 +158,43 @@ def test_drift_coefficient_trains_this_batch_then_adapts_and_resumes():
     off = build_method("fopd", {"drift_target": None}, rkl)
     out = off.apply(s, fresh, 0)
     assert out.drift_penalty == 0.0 and "method/fopd/drift_beta" not in out.metrics and off.state_dict() == {}
+
+
+def test_importance_follows_the_objective():
+    """auto: the sampled token's ratio for sampled + pg, nothing for a distribution-level loss;
+    prefix: the earlier tokens' product for any objective; token refused where it corrects nothing."""
+    from opdcli.freshness import prefix_ratio, truncated_ratio
+
+    s = _scored(stored=False)
+    fresh = sampled_advantage(s.teacher_lp_B_T, s.student_lp_B_T, s.mask_B_T, 1.0, 0.0)
+    plain = {"tau_r": 0.0, "drift_target": None}
+
+    def weights(opts, loss):
+        return build_method("fopd", plain | opts, loss).apply(s, fresh, 0).weights_B_T
+
+    m = s.mask_B_T
+    pg, rkl = LossConfig(objective="sampled", surrogate="pg"), LossConfig(objective="rkl")
+    token, _ = truncated_ratio(s.student_lp_B_T, s.behavior_lp_B_T, 2.0, m)
+    assert torch.allclose(weights({}, pg), token)
+    assert torch.allclose(weights({}, rkl), m)  # auto: no ratio on a full-distribution loss
+    assert torch.allclose(weights({}, LossConfig(objective="sampled", surrogate="is")), m)  # the surrogate has it
+    before, _ = prefix_ratio(s.student_lp_B_T, s.behavior_lp_B_T, 1.5, m, include_current=False)
+    through, _ = prefix_ratio(s.student_lp_B_T, s.behavior_lp_B_T, 1.5, m, include_current=True)
+    assert torch.allclose(weights({"importance": "prefix", "is_cap": 1.5}, rkl), before)
+    assert torch.allclose(weights({"importance": "prefix", "is_cap": 1.5}, pg), through)
+    assert not torch.allclose(before, through)
+    out = build_method("fopd", plain | {"importance": "prefix"}, rkl).apply(s, fresh, 0)
+    assert {"method/fopd/is_weight_mean", "method/fopd/is_clipfrac"} <= out.metrics.keys()
+    with pytest.raises(ConfigError, match="importance=prefix"):
+        build_method("fopd", {"importance": "token"}, rkl)
+    with pytest.raises(ConfigError, match="loss.surrogate=pg"):
+        build_method("fopd", {"importance": "token"}, LossConfig(objective="sampled", surrogate="ppo"))
+    with pytest.raises(ConfigError, match="is_cap"):
+        build_method("fopd", {"is_cap": None}, rkl)
+    with pytest.raises(ConfigError, match="importance=none"):
+        build_method("fopd", {"is_cap": 0.5}, rkl)
+    with pytest.raises(ConfigError, match="beta_max"):
+        build_method("fopd", {"beta_max": 0.0}, rkl)
 
 
 def test_fopd_refusals():

@@ -9,8 +9,10 @@ import torch
 
 from opdcli.freshness import (
     AdaptiveDriftPenalty,
+    drift_penalty_loss,
     freshness,
     keep_and_weights,
+    prefix_ratio,
     rollout_drift,
     supervision_drift,
     truncated_ratio,
@@ -34,7 +36,7 @@ def test_rollout_drift_is_the_k3_estimate_per_row():
     lp, beh, mask = _tensors()
     got = rollout_drift(lp, beh, mask)
     for b in range(3):
-        terms = [math.exp(-(p - q)) - 1 + (p - q) for p, q in zip(lp[b].tolist(), beh[b].tolist(), strict=True)]
+        terms = [math.exp(p - q) - 1 - (p - q) for p, q in zip(lp[b].tolist(), beh[b].tolist(), strict=True)]
         assert got[b].item() == pytest.approx(_slow_mean(terms, mask[b].tolist()), abs=1e-6)
     assert (got >= 0).all() and got[2] == 0  # the empty row
     assert rollout_drift(lp, lp, mask).abs().max() < 1e-7  # on-policy: no drift
@@ -76,8 +78,62 @@ def test_truncated_ratio_caps_and_counts():
     assert rho[0].tolist() == pytest.approx([2.0, 1.0, 0.0]) and frac == pytest.approx(0.5)  # e^1 > 2 is capped
 
 
+def test_prefix_ratio_is_the_capped_product_of_the_earlier_ratios():
+    g = torch.Generator().manual_seed(3)
+    lp = -torch.rand(2, 5, generator=g)
+    beh = lp + 0.6 * torch.randn(2, 5, generator=g)
+    mask = torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    for include in (False, True):
+        rho, frac = prefix_ratio(lp, beh, 1.5, mask, include_current=include)
+        clipped = valid = 0
+        for b in range(2):
+            prod = 1.0
+            for t in range(5):
+                if include:
+                    prod *= math.exp(float(lp[b, t] - beh[b, t]))
+                want = min(prod, 1.5) if mask[b, t] else 0.0
+                assert float(rho[b, t]) == pytest.approx(want, rel=1e-5)
+                valid += int(mask[b, t])
+                clipped += int(bool(mask[b, t]) and prod > 1.5)
+                if not include:
+                    prod *= math.exp(float(lp[b, t] - beh[b, t]))
+        assert frac == pytest.approx(clipped / valid)
+    first, _ = prefix_ratio(lp, beh, 2.0, mask, include_current=False)
+    assert first[:, 0].tolist() == [1.0, 1.0]  # nothing precedes the first token
+    huge, _ = prefix_ratio(lp, beh - 500.0, 2.0, mask, include_current=True)  # no overflow
+    assert torch.isfinite(huge).all() and float(huge.max()) == 2.0
+
+
+def test_k3_drift_and_its_penalty_gradient_are_exact_in_expectation_under_the_sampler():
+    """Rows are sampled from p_beh: E_beh[k3] is KL(p_beh || p_theta) and E_beh[grad k3] its
+    gradient, checked by enumerating a small vocabulary (no Monte Carlo). The estimator written
+    exp(-delta) - 1 + delta (the one for samples from p_theta) misses both."""
+    g = torch.Generator().manual_seed(4)
+    beh_logits, logits = torch.randn(7, generator=g) * 1.5, (torch.randn(7, generator=g) * 1.5).requires_grad_(True)
+    p_beh = beh_logits.log_softmax(-1).exp()
+    lp_all = logits.log_softmax(-1)
+    beh_all = beh_logits.log_softmax(-1)
+    per_token = rollout_drift(lp_all.detach()[:, None], beh_all[:, None], torch.ones(7, 1))
+    kl = (p_beh * (beh_all - lp_all)).sum()
+    assert float((p_beh * per_token).sum()) == pytest.approx(float(kl.detach()), rel=1e-5)
+    (grad_kl,) = torch.autograd.grad(kl, logits, retain_graph=True)
+    expected_pen = 0.0
+    for y in range(7):
+        pen, _ = drift_penalty_loss(lp_all[y].reshape(1, 1), beh_all[y].reshape(1, 1), torch.ones(1, 1), beta=1.0)
+        expected_pen = expected_pen + p_beh[y] * pen
+    (grad_pen,) = torch.autograd.grad(expected_pen, logits)
+    assert torch.allclose(grad_pen, grad_kl, atol=1e-6)
+    wrong = (p_beh * (torch.exp(-(lp_all - beh_all)) - 1 + (lp_all - beh_all))).sum()
+    assert abs(float(wrong.detach()) - float(kl.detach())) > 0.1 * float(kl.detach())
+
+
 def test_adaptive_penalty_doubles_and_halves():
     pen = AdaptiveDriftPenalty(target=0.02, floor=0.01)
     assert [pen.update(x) for x in (0.05, 0.05, 0.05, 0.01, 0.01, 0.01, 0.02)] == [0.01, 0.02, 0.04, 0.02, 0.01, 0.0, 0.0]
+    capped = AdaptiveDriftPenalty(target=0.02, floor=0.25, beta_max=1.0)
+    assert [capped.update(1.0) for _ in range(5)] == [0.25, 0.5, 1.0, 1.0, 1.0]  # a lasting drift stops at the ceiling
+    assert capped.update(0.0) == 0.5
+    free = AdaptiveDriftPenalty(target=0.02, floor=0.25, beta_max=None)
+    assert [free.update(1.0) for _ in range(5)][-1] == 4.0
     pen.load_state_dict({"beta": 0.5})
     assert pen.state_dict() == {"beta": 0.5}
