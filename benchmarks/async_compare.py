@@ -2,6 +2,8 @@
 
     python -m benchmarks.async_compare --out runs/async-compare            # both tasks, 3 seeds
     python -m benchmarks.async_compare --out runs/ac --tasks short --seeds 0 --steps 20
+    python -m benchmarks.async_compare --out runs/ac --tasks short --arms fopd-no-penalty fopd-no-drop
+    python -m benchmarks.async_compare --out runs/ac --report-only     # the tables of what has run
 
 Every run is an `opd train` subprocess, one after the other (never two at once, so that the wall
 times compare). The asynchronous arms push the version lag up on purpose: `--buffer` batches in
@@ -9,7 +11,8 @@ flight (the lag of a steady-state batch equals it) and `asynchronous.max_lag` at
 so that "async without control" drops nothing and trains on every stale row as it is. Held-out
 accuracy is read at equal optimizer steps (the end of every run) and at equal training wall time
 (the last held-out evaluation reached within the shortest arm's training time; evaluation time
-is not counted). Writes runs.csv (one row per run), summary.csv and summary.md (mean and std
+is not counted). Arms sync, async-no-control and fopd run by default; fopd-no-penalty, fopd-no-drop
+and fopd-prefix-is switch one f-OPD piece off each. Writes runs.csv (one row per run), summary.csv and summary.md (mean and std
 over seeds), curves.csv and accuracy.png (accuracy against steps and against wall time).
 """
 
@@ -178,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--arms", nargs="+", default=MAIN_ARMS, choices=list(arms(8, 1)),
                    help="the arms to run (the ablations of f-OPD's pieces are off by default)")
+    p.add_argument("--report-only", action="store_true", help="run nothing; report the finished runs")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     done = a.out / "runs.jsonl"
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             for arm, sets in arms(a.buffer, a.workers).items():
                 if arm not in a.arms:
                     continue
-                if any(r["task"] == task and r["arm"] == arm and r["seed"] == seed for r in runs):
+                if a.report_only or any(r["task"] == task and r["arm"] == arm and r["seed"] == seed for r in runs):
                     continue  # finished in an earlier invocation
                 print(f"{task} {arm} seed {seed} ...", flush=True)
                 runs.append(run_one(a.out, task, arm, sets, seed, a.steps))
