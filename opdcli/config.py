@@ -9,17 +9,8 @@ Configs are frozen; the resolved config is written to the run directory by the c
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
-
-import yaml
-
-from opdcli.errors import ConfigError
+from typing import Any, Literal, TypeVar, get_args
 
 T = TypeVar("T")
 
@@ -124,7 +115,36 @@ class RolloutConfig:
     max_new_tokens: int = 256
     """Generation budget per sample."""
     batch_size: int = 64
-    """Sequences generated at once."""
+    """Sequences generated at once (hf engine; vLLM schedules its own batches)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """hf: our KV-cached transformers loop (hosts per-token stop rules); vllm: a vLLM engine
+    (settings under `vllm`), the policy's weights pushed to it after every optimizer step."""
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    """The vLLM engine behind `rollout.engine=vllm` (one per process, colocated with the learner)."""
+
+    gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory the engine may take (weights + KV cache); CUDA only."""
+    kv_cache_space_gb: float = 1.0
+    """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE); CPU only."""
+    max_model_len: int | None = None
+    """Longest prompt + response the engine accepts (null: prompt budget + max_new_tokens,
+    checked against every batch)."""
+    enforce_eager: bool = True
+    """No CUDA graphs (faster start; false captures them, for long runs on GPU)."""
+    enable_prefix_caching: bool = True
+    """Share the KV cache of a prompt's n samples; the cache is reset after every weight push."""
+    sleep: bool | None = None
+    """Free the engine's GPU memory while the learner trains (sleep / wake_up). null: on CUDA,
+    not on CPU, where vLLM has no sleep mode (true is refused there)."""
+    weight_sync: Literal["auto", "inprocess", "folder"] = "auto"
+    """How new weights reach the engine: inprocess hands the tensors to the in-process engine's
+    reload_weights; folder saves them (safetensors) and has the engine reload that folder (an engine
+    in its own process). auto: inprocess."""
+    prompt_budget: int = 512
+    """Prompt tokens reserved in the default max_model_len."""
 
 
 @dataclass(frozen=True)
@@ -293,6 +313,7 @@ class TrainRunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     asynchronous: AsyncConfig = field(default_factory=AsyncConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass(frozen=True)
@@ -310,190 +331,18 @@ class DistillRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
-# ---------------------------------------------------------------------------- the builder
+from opdcli.config_io import (  # noqa: E402, F401  (re-exported: the builder lives beside the sections)
+    build_dataclass,
+    deep_merge,
+    dump_config,
+    flatten_keys,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+    unknown_key_error,
+)
 
-
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else ""
-
-
-def unknown_key_error(key: str, prefix: str, options: list[str]) -> ConfigError:
-    where = f"{prefix}{key}"
-    return ConfigError(
-        f"unknown config key '{where}'.{_closest(key, options)} "
-        f"Valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(options)}"
-    )
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            names = ", ".join(repr(a) for a in allowed)
-            raise ConfigError(
-                f"config key '{where}' is {value!r}; allowed values: {names}."
-                f"{_closest(str(value), [str(a) for a in allowed])}"
-            )
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{where}' must be a mapping of its fields, got {value!r}")
-        return build_dataclass(tp, value, prefix=f"{where}.")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(get_args(tp)):
-            raise ConfigError(f"config key '{where}' must be a list of {len(get_args(tp))} values")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, get_args(tp), strict=True))
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
-        (arg,) = get_args(tp)
-        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{where}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads 1e-3 as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
-    raise AssertionError(f"unsupported config type {tp} at {where}")
-
-
-def build_dataclass(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Construct `cls` from a nested dict, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in hints:
-            raise unknown_key_error(str(key), prefix, names)
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ["a.b=1", "c=x"] into a nested dict; values are parsed as YAML scalars."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value, e.g. optim.lr=1e-4")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
-        node[parts[-1]] = value
-    return tree
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
-            out[key] = deep_merge(out[key], value)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = value
-    return out
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{p}' does not exist; pass an existing YAML file to --config")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"config file '{p}' is not valid YAML{where}: {problem}; fix the syntax") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file '{p}' is not UTF-8 text; pass a YAML file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{p}' must hold a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def flatten_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
-    keys: set[str] = set()
-    for key, value in tree.items():
-        keys.add(f"{prefix}{key}")
-        if isinstance(value, dict) and key != "options":
-            keys |= flatten_keys(value, f"{prefix}{key}.")
-    return keys
-
-
-def load_config(
-    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
-) -> tuple[T, set[str]]:
-    """Load `cls` from defaults <- YAML file <- overrides, strictly.
-
-    Returns:
-        The frozen config and the set of dotted keys the user set explicitly (file or flags),
-        which cross-field validation uses to refuse flags that cannot take effect.
-    """
-    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
-    tree = deep_merge(tree, parse_overrides(overrides or []))
-    cfg = build_dataclass(cls, tree)
-    return cfg, flatten_keys(tree)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    def convert(obj: Any) -> Any:
-        if isinstance(obj, tuple):
-            return [convert(o) for o in obj]
-        if isinstance(obj, dict):
-            return {k: convert(v) for k, v in obj.items()}
-        return obj
-
-    return convert(dataclasses.asdict(cfg))
-
-
-def dump_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

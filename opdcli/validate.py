@@ -86,10 +86,22 @@ def validate_common(cfg: Any, explicit: set[str]) -> None:
     if cfg.data.source != "toy":
         _refuse(explicit, [k for k in explicit if k.startswith("data.toy.")],
                 "data.toy.* only applies to data.source=toy")
+    if r.engine != "vllm":
+        for key in sorted(k for k in explicit if k.startswith("vllm.")):
+            raise ConfigError(f"{key} cannot take effect: rollout.engine={r.engine}; set rollout.engine=vllm "
+                              "or remove it")
+    elif "rollout.batch_size" in explicit:
+        raise ConfigError("rollout.batch_size cannot take effect: vLLM schedules its own batches; remove it")
+    v = cfg.vllm
+    if not 0 < v.gpu_memory_utilization <= 1 or v.kv_cache_space_gb <= 0 or v.prompt_budget < 1 \
+            or (v.max_model_len is not None and v.max_model_len <= r.max_new_tokens):
+        raise ConfigError("vllm.gpu_memory_utilization must be in (0, 1], kv_cache_space_gb > 0, prompt_budget "
+                          f">= 1 and max_model_len (when set) above rollout.max_new_tokens ({r.max_new_tokens})")
 
 
 def check_sampler(sampler: Any, method: Any) -> None:
     """Refuse, before any model loads, a method whose per-token stop the sampler cannot host."""
     if method.stop_rule() is not None and not sampler.supports_stop_rules:
+        fix = {"vllm": "rollout.engine=hf or ", "ray": "train.mode=sync or "}.get(sampler.name, "")
         raise ConfigError(f"method '{method.name}' stops rows during sampling (online truncation), which the "
-                          f"{sampler.name} rollout engine cannot do; set method.options.online=false")
+                          f"{sampler.name} rollout engine cannot do; set {fix}method.options.online=false")

@@ -77,7 +77,11 @@ class FakeEngine:
                                    for i in range(n)]) for _ in prompts]
 
 
-def test_vllm_generator_one_request_per_prompt_with_n():
+@pytest.mark.parametrize("platform", ["cuda", "cpu"])
+def test_vllm_generator_one_request_per_prompt_with_n(platform, monkeypatch):
+    import benchmarks.generators.vllm as vllm_gen
+
+    monkeypatch.setattr(vllm_gen, "_platform", lambda: platform)
     engine = FakeEngine()
     gen = VLLMGenerator("fake-model", engine=engine, sampling_params_cls=FakeSamplingParams)
     assert gen.max_model_len == 64
@@ -87,8 +91,9 @@ def test_vllm_generator_one_request_per_prompt_with_n():
     out = gen.generate(prompts, params)
     assert len(engine.calls) == 1
     texts, sp = engine.calls[0]
+    seed = {"seed": 7} if platform == "cuda" else {}  # the CPU engine takes its seed at start-up only
     assert sp.kwargs == {"n": 3, "temperature": 0.6, "top_p": 0.95, "top_k": -1, "min_p": 0.05,
-                         "max_tokens": 16, "seed": 7}
+                         "max_tokens": 16} | seed
     assert all(t.endswith("<think>\n") for t in texts)
     assert [len(c) for c in out] == [3, 3]
     assert out[0][0].finish_reason == "length" and out[0][1].finish_reason == "stop"

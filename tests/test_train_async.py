@@ -87,7 +87,7 @@ def test_async_refusals():
     from opdcli.validate import check_sampler
 
     online = build_method("prune", {"online": True}, cfg.loss)
-    with pytest.raises(ConfigError, match="ray-hf rollout engine cannot do"):
+    with pytest.raises(ConfigError, match="ray rollout engine cannot do; set train.mode=sync"):
         check_sampler(RayWorkerPool, online)
 
 

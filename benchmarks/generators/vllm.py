@@ -39,6 +39,9 @@ class VLLMGenerator:
             vllm = _import_vllm()
             sampling_params_cls = sampling_params_cls or vllm.SamplingParams
             if engine is None:
+                from opdcli.engines.vllm_engine import check_vllm_model
+
+                check_vllm_model(self.path, _platform(), "model")
                 kwargs = {"dtype": dtype, "seed": seed, **(engine_kwargs or {})}
                 if max_model_len is not None:
                     kwargs["max_model_len"] = max_model_len
@@ -84,10 +87,13 @@ class VLLMGenerator:
                               "set --temperature > 0 or --n 1")
         texts = [render_chat(self.tokenizer, p, params, self.explicit_thinking) for p in prompts]
         self.check_lengths(texts, prompts, params.max_tokens)
+        # vLLM's CPU backend fails on a per-request seed with n > 1 ("CPU Generator does not use
+        # offset"): there the engine's seed (set at start-up) is the run's seed
+        seed = {"seed": params.seed} if _platform() == "cuda" else {}
         sp = self.sampling_params_cls(
             n=params.n, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else -1, min_p=params.min_p,
-            max_tokens=params.max_tokens, seed=params.seed,
+            max_tokens=params.max_tokens, **seed,
         )
         outputs = self.engine.generate(texts, sp)
         result = []
@@ -95,6 +101,15 @@ class VLLMGenerator:
             result.append([Completion(o.text, len(o.token_ids), "length" if o.finish_reason == "length" else "stop",
                                       thinking_open(text)) for o in out.outputs])
         return result
+
+
+def _platform() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
 
 
 def _engine_max_len(engine: Any) -> int | None:

@@ -1,5 +1,6 @@
-"""Rollout workers as Ray actors: each holds a copy of the student in an HFSampler and samples
-the prompt batches it is handed with the newest weights it has been sent.
+"""Rollout workers as Ray actors: each holds a copy of the student in an HFSampler (or a vLLM
+engine, rollout.engine=vllm) and samples the prompt batches it is handed with the newest weights
+it has been sent.
 
 Weights are published through the object store (`ray.put` of a CPU state dict, once per
 version); a worker loads them only when its version is older. `ray.init()` starts a local
@@ -22,10 +23,17 @@ class RolloutWorker:
 
     def __init__(self, model: str, device: str, dtype: str, seed: int, threads: int, *,
                  teacher: str | None = None, chunk_tokens: int = 1024, score_batch: int = 64,
-                 trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> None:
+                 trust_remote_code: bool = False, attn_implementation: str = "sdpa", engine: str = "hf",
+                 vllm: Any = None, max_model_len: int = 1024) -> None:
         from opdcli.engines.hf_sampler import HFSampler
         from opdcli.engines.hf_scorer import HFScorer
-        from opdcli.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+        from opdcli.models import (
+            load_model,
+            load_tokenizer,
+            resolve_device,
+            resolve_dtype,
+            resolve_model_path,
+        )
 
         torch.set_num_threads(threads)
         dev = resolve_device(device)
@@ -34,8 +42,15 @@ class RolloutWorker:
             return load_model(path, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
                               attn_implementation=attn_implementation)
 
-        self.sampler = HFSampler(load(model), load_tokenizer(model, trust_remote_code),
-                                 generator=torch.Generator(device=dev).manual_seed(seed))
+        tokenizer = load_tokenizer(model, trust_remote_code)
+        if engine == "vllm":  # the engine holds the weights; new ones are pushed into it
+            from opdcli.engines.vllm_engine import VLLMSampler
+
+            self.sampler = VLLMSampler(resolve_model_path(model), tokenizer, vllm, device_type=dev.type,
+                                       dtype=str(resolve_dtype(dtype, dev)).removeprefix("torch."), seed=seed,
+                                       max_model_len=max_model_len)
+        else:
+            self.sampler = HFSampler(load(model), tokenizer, generator=torch.Generator(device=dev).manual_seed(seed))
         self.scorer = None if teacher is None else HFScorer(None, load(teacher), k=1, chunk_tokens=chunk_tokens,
                                                             batch_size=score_batch)
 
@@ -64,7 +79,7 @@ class RayWorkerPool:
     A worker whose process died is replaced by `restart` (new seed, weights sent again).
     """
 
-    name = "ray-hf"
+    name = "ray"
     supports_stop_rules = False
 
     def __init__(self, n: int, model: str, device: str, dtype: str, seed: int, threads: int,

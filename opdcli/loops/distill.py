@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from opdcli import dist, losses, stages
+from opdcli.assembly import check_engine, vllm_sampler
 from opdcli.config import DistillRunConfig
 from opdcli.data import Prompt, PromptSource, heldout_prompts, render
 from opdcli.dist import Dist
@@ -112,7 +113,8 @@ def _load(cfg: DistillRunConfig, device: str) -> LoadedPair:
 def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | None = None) -> RunResult:
     validate_common(cfg, explicit)
     if cfg.distill.traces == "gold":
-        for key in ("rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.samples_per_prompt"):
+        for key in ("rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.samples_per_prompt",
+                    "rollout.engine"):
             if key in explicit:
                 raise ConfigError(f"{key} cannot take effect: distill.traces=gold samples nothing; remove it")
         if "model.teacher" in explicit and cfg.distill.mode == "sft":
@@ -127,6 +129,8 @@ def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | Non
 
 def _run(cfg: DistillRunConfig, argv: list[str], d: Dist) -> RunResult:
     setup_process(cfg.run)
+    if cfg.distill.traces == "teacher":
+        check_engine(cfg, cfg.model.teacher, "teacher")
     n_seq = cfg.rollout.prompts_per_step * (cfg.rollout.samples_per_prompt if cfg.distill.traces == "teacher" else 1)
     if d.active and n_seq % d.world:
         raise ConfigError(f"the step's {n_seq} traces do not split evenly over {d.world} ranks; make "
@@ -145,7 +149,10 @@ def _run(cfg: DistillRunConfig, argv: list[str], d: Dist) -> RunResult:
                    dtype=pair.dtype, source=source, heldout=heldout, learner=learner, write_rollouts=False,
                    ckpt=ckpt)
     sampler = None
-    if cfg.distill.traces == "teacher":
+    if cfg.distill.traces == "teacher" and cfg.rollout.engine == "vllm":  # a frozen teacher: no weight pushes
+        sampler = vllm_sampler(cfg, cfg.model.teacher, pair.tokenizer, module=None, device=pair.device,
+                               dtype=pair.dtype)
+    elif cfg.distill.traces == "teacher":
         sampler = HFSampler(pair.teacher, pair.tokenizer, generator=ctx.generator)
     before = ctx.evaluate()
     ctx.log_eval(ctx.state.step, before, "before")

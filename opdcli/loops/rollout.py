@@ -130,9 +130,8 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     import torch
 
     from opdcli import stages
-    from opdcli.assembly import assemble
+    from opdcli.assembly import assemble, check_engine, sampler_class
     from opdcli.dist import ALONE
-    from opdcli.engines.hf_sampler import HFSampler
     from opdcli.methods import build_method
     from opdcli.models import load_configured_pair, load_reference
     from opdcli.run.context import setup_process
@@ -144,7 +143,8 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     setup_process(cfg.run)
     method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
     method.check_scoring(cfg.scoring.top_k)
-    check_sampler(HFSampler, method)
+    check_sampler(sampler_class(cfg), method)
+    check_engine(cfg, cfg.model.student, "student")
     prompts = _prompts(cfg)  # data errors surface before models load
     m = cfg.model
     pair = load_configured_pair(m, cfg.run.device, cfg.run.dtype)

@@ -16,10 +16,10 @@ import sys
 import time
 
 from opdcli import dist, stages
-from opdcli.assembly import Parts
+from opdcli.assembly import Parts, sampler_class
 from opdcli.config import TrainRunConfig
 from opdcli.data import PromptSource, render
-from opdcli.engines.hf_sampler import HFSampler, decode_responses
+from opdcli.engines.hf_sampler import decode_responses
 from opdcli.errors import ConfigError
 from opdcli.methods import Method
 from opdcli.records.rows import write_rollout_records
@@ -70,7 +70,7 @@ def _run(cfg: TrainRunConfig, argv: list[str], d: dist.Dist) -> RunResult:
     if cfg.train.mode != "sync":
         raise ConfigError("train.mode=async is run by `opd train` itself (not by opd sweep); "
                           "use opd train, or train.mode=sync")
-    run = prepare_training(cfg, argv, d, HFSampler)
+    run = prepare_training(cfg, argv, d, sampler_class(cfg))
     method, source, pair, parts, ctx = run.method, run.source, run.pair, run.parts, run.ctx
     before = ctx.evaluate()
     ctx.log_eval(ctx.state.step, before, "before")

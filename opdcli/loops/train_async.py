@@ -56,7 +56,7 @@ def run_train_async(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | N
     validate_train_config(cfg, explicit)
     if from_env().active:
         raise ConfigError("train.mode=async runs one learner process; start it without torchrun")
-    run = prepare_training(cfg, argv or sys.argv, ALONE, RayWorkerPool,
+    run = prepare_training(cfg, argv or sys.argv, ALONE, RayWorkerPool, local_sampling=False,
                            wrap_source=lambda s: _TrainedFeed(s, cfg.rollout.prompts_per_step))
     method, feed, pair, parts, ctx = run.method, run.source, run.pair, run.parts, run.ctx
     m, a = cfg.model, cfg.asynchronous
@@ -64,7 +64,8 @@ def run_train_async(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | N
                          address=cfg.run.ray_address, trust_remote_code=m.trust_remote_code,
                          attn_implementation=m.attn_implementation,
                          teacher=m.teacher if a.worker_scoring else None, chunk_tokens=cfg.scoring.chunk_tokens,
-                         score_batch=cfg.scoring.batch_size)
+                         score_batch=cfg.scoring.batch_size, engine=cfg.rollout.engine, vllm=cfg.vllm,
+                         max_model_len=cfg.vllm.max_model_len or cfg.vllm.prompt_budget + cfg.rollout.max_new_tokens)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops like Ctrl-C
     try:
         before = ctx.evaluate()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from opdcli import dist
-from opdcli.assembly import Parts, assemble, check_placement
+from opdcli.assembly import Parts, assemble, check_engine, check_placement
 from opdcli.data import PromptSource, heldout_prompts
 from opdcli.methods import Method, build_method
 from opdcli.models import LoadedPair, load_configured_pair, load_reference, load_weights
@@ -28,15 +28,18 @@ class Training:
 
 
 def prepare_training(cfg: Any, argv: list[str], d: dist.Dist, sampler: Any,
-                     wrap_source: Callable[[PromptSource], Any] | None = None) -> Training:
+                     wrap_source: Callable[[PromptSource], Any] | None = None, local_sampling: bool = True) -> Training:
     """Everything up to the first step; `sampler` is the engine class the loop samples with
-    (its capabilities are checked), `wrap_source` adapts the prompt stream the run resumes."""
+    (its capabilities are checked), `wrap_source` adapts the prompt stream the run resumes.
+    `local_sampling` false: the loop samples elsewhere (Ray workers), so this process builds no
+    rollout engine of its own (its parts' sampler only holds the policy)."""
     setup_process(cfg.run)
     method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
     method.check_scoring(cfg.scoring.top_k)
     check_sampler(sampler, method)
     check_placement(cfg, d, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
                     method.stop_rule() is not None)
+    check_engine(cfg, cfg.model.student, "student")
     source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
     heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
     ckpt = resume_point(cfg)
@@ -46,7 +49,8 @@ def prepare_training(cfg: Any, argv: list[str], d: dist.Dist, sampler: Any,
         load_weights(pair.student, ckpt)
     method.attach(pair.tokenizer)
     reference = load_reference(method.reference_model(m.student), pair, m)
-    parts = assemble(cfg, pair, d, torch.Generator(device=pair.device), reference=reference)
+    parts = assemble(cfg, pair, d, torch.Generator(device=pair.device), reference=reference,
+                     engine=cfg.rollout.engine if local_sampling else "hf")
     feed = wrap_source(source) if wrap_source is not None else source
     ctx = open_run(cfg, argv, d, eval_model=parts.policy, tokenizer=pair.tokenizer, device=pair.device,
                    dtype=pair.dtype, source=feed, heldout=heldout, learner=parts.learner, method=method, ckpt=ckpt)
