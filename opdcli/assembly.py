@@ -73,8 +73,25 @@ def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *,
     scored_student = learner.module if learner is not None and not d.active else policy
     scorer = HFScorer(scored_student, teacher, k=cfg.scoring.top_k, chunk_tokens=cfg.scoring.chunk_tokens,
                       batch_size=cfg.scoring.batch_size, reference=ref)
+    if cfg.scoring.teacher_engine == "vllm":
+        scorer = vllm_teacher(cfg, scorer, pair)
     return Parts(learner, sampler, scorer)
 
+
+def vllm_teacher(cfg: Any, hf: HFScorer, pair: LoadedPair):
+    """A VLLMTeacherScorer: the teacher on an in-process vLLM engine, the student on `hf`."""
+    from opdcli.engines.vllm_engine import build_llm, check_vllm_model, import_vllm
+    from opdcli.engines.vllm_scorer import VLLMTeacherScorer
+    from opdcli.models import resolve_model_path
+
+    path = resolve_model_path(cfg.model.teacher)
+    device_type = torch.device(pair.device).type
+    check_vllm_model(path, device_type, "teacher")
+    max_len = cfg.vllm.max_model_len or cfg.vllm.prompt_budget + cfg.rollout.max_new_tokens
+    llm = build_llm(path, cfg.vllm, device_type=device_type, dtype=str(pair.dtype).removeprefix("torch."),
+                    seed=cfg.run.seed, max_model_len=max_len + 1, max_logprobs=cfg.vllm.max_logprobs)
+    return VLLMTeacherScorer(hf, llm, import_vllm("scoring.teacher_engine=vllm").SamplingParams,
+                             k=cfg.scoring.top_k)
 
 
 def sampler_class(cfg: Any) -> type:
@@ -87,13 +104,18 @@ def sampler_class(cfg: Any) -> type:
 
 
 def check_engine(cfg: Any, model_path: str, role: str) -> None:
-    """Refuse, before any model loads, a vLLM rollout engine this environment or model cannot run."""
-    if cfg.rollout.engine != "vllm":
-        return
+    """Refuse, before any model loads, a vLLM engine this environment or model cannot run."""
+    if cfg.scoring.teacher_engine == "vllm" and role == "student":
+        check_engine_for(cfg, cfg.model.teacher, "teacher", "scoring.teacher_engine=vllm")
+    if cfg.rollout.engine == "vllm":
+        check_engine_for(cfg, model_path, role, "rollout.engine=vllm")
+
+
+def check_engine_for(cfg: Any, model_path: str, role: str, flag: str) -> None:
     from opdcli.engines.vllm_engine import check_vllm_model, import_vllm, sleep_enabled
     from opdcli.models import resolve_model_path
 
-    import_vllm("rollout.engine=vllm")
+    import_vllm(flag)
     device_type = torch.device(cfg.run.device if cfg.run.device != "auto" else
                                ("cuda" if torch.cuda.is_available() else "cpu")).type
     sleep_enabled(cfg.vllm, device_type)

@@ -145,6 +145,8 @@ class VLLMConfig:
     in its own process). auto: inprocess."""
     prompt_budget: int = 512
     """Prompt tokens reserved in the default max_model_len."""
+    max_logprobs: int = 20
+    """Most log-probs per position an engine returns (a vLLM teacher needs >= scoring.top_k)."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,9 @@ class ScoringConfig:
     """Positions per chunk when turning hidden states into log-probs."""
     batch_size: int = 64
     """Sequences per forward pass."""
+    teacher_engine: Literal["hf", "vllm"] = "hf"
+    """hf: transformers forwards; vllm: an in-process vLLM engine's prompt_logprobs (the teacher's
+    own tokens' log-probs and top-K; no logits, no log-probs on the student's top-K ids)."""
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,11 @@ def check_same_vocabulary(tok_a: Any, tok_b: Any, name_a: str, name_b: str) -> N
 
 
 def check_logit_widths(model_a: Any, model_b: Any, name_a: str, name_b: str) -> None:
-    a = model_a.get_output_embeddings().weight.shape[0]
-    b = model_b.get_output_embeddings().weight.shape[0]
+    check_widths(model_a.get_output_embeddings().weight.shape[0], model_b.get_output_embeddings().weight.shape[0],
+                 name_a, name_b)
+
+
+def check_widths(a: int, b: int, name_a: str, name_b: str) -> None:
     if a != b:
         raise ModelError(
             f"'{name_a}' has {a} output logits but '{name_b}' has {b}; models must share the "
@@ -138,8 +141,12 @@ def check_logit_widths(model_a: Any, model_b: Any, name_a: str, name_b: str) -> 
 
 
 def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
-              trust_remote_code: bool = False, attn_implementation: str = "sdpa") -> LoadedPair:
-    """Load and cross-check the student and teacher (tokenizers first, which is cheap)."""
+              trust_remote_code: bool = False, attn_implementation: str = "sdpa",
+              load_teacher: bool = True) -> LoadedPair:
+    """Load and cross-check the student and teacher (tokenizers first, which is cheap).
+
+    `load_teacher` false: the teacher runs in another engine (vLLM); its tokenizer and its
+    config's vocabulary size are still checked against the student, its weights not loaded."""
     device = resolve_device(run_device)
     dtype = resolve_dtype(run_dtype, device)
     tok_s = load_tokenizer(student, trust_remote_code)
@@ -147,15 +154,21 @@ def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
     check_same_vocabulary(tok_s, tok_t, student, teacher)
     kw = {"trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
     s = load_model(student, device, dtype, trainable=True, **kw)
+    if not load_teacher:
+        from transformers import AutoConfig
+
+        t_cfg = AutoConfig.from_pretrained(resolve_model_path(teacher), trust_remote_code=trust_remote_code)
+        check_widths(s.get_output_embeddings().weight.shape[0], t_cfg.get_text_config().vocab_size, student, teacher)
+        return LoadedPair(student=s, teacher=None, tokenizer=tok_s, device=device, dtype=dtype)
     t = load_model(teacher, device, dtype, trainable=False, **kw)
     check_logit_widths(s, t, student, teacher)
     return LoadedPair(student=s, teacher=t, tokenizer=tok_s, device=device, dtype=dtype)
 
 
-def load_configured_pair(m: ModelConfig, run_device: str, run_dtype: str) -> LoadedPair:
+def load_configured_pair(m: ModelConfig, run_device: str, run_dtype: str, load_teacher: bool = True) -> LoadedPair:
     """load_pair with the model config's student, teacher and loading options."""
     return load_pair(m.student, m.teacher, run_device, run_dtype, trust_remote_code=m.trust_remote_code,
-                     attn_implementation=m.attn_implementation)
+                     attn_implementation=m.attn_implementation, load_teacher=load_teacher)
 
 
 def load_reference(name: str | None, pair: LoadedPair, m: ModelConfig) -> Any:

@@ -86,11 +86,11 @@ def validate_common(cfg: Any, explicit: set[str]) -> None:
     if cfg.data.source != "toy":
         _refuse(explicit, [k for k in explicit if k.startswith("data.toy.")],
                 "data.toy.* only applies to data.source=toy")
-    if r.engine != "vllm":
+    if r.engine != "vllm" and cfg.scoring.teacher_engine != "vllm":
         for key in sorted(k for k in explicit if k.startswith("vllm.")):
-            raise ConfigError(f"{key} cannot take effect: rollout.engine={r.engine}; set rollout.engine=vllm "
-                              "or remove it")
-    elif "rollout.batch_size" in explicit:
+            raise ConfigError(f"{key} cannot take effect: no vLLM engine runs (rollout.engine and "
+                              "scoring.teacher_engine are hf); set one of them to vllm or remove it")
+    elif r.engine == "vllm" and "rollout.batch_size" in explicit:
         raise ConfigError("rollout.batch_size cannot take effect: vLLM schedules its own batches; remove it")
     v = cfg.vllm
     if not 0 < v.gpu_memory_utilization <= 1 or v.kv_cache_space_gb <= 0 or v.prompt_budget < 1 \

@@ -158,3 +158,54 @@ def test_opd_distill_teacher_traces_with_the_vllm_engine(tmp_path):
     result = run_distill(cfg, explicit, ["opd", "distill"])
     rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 2 and any("time/sample" in r for r in rows)
+
+
+def test_teacher_scoring_on_vllm_equals_transformers():
+    from transformers import AutoModelForCausalLM
+
+    from opdcli.config import VLLMConfig
+    from opdcli.engines.hf_scorer import HFScorer
+    from opdcli.engines.types import SamplingParams
+    from opdcli.engines.vllm_engine import build_llm
+    from opdcli.engines.vllm_scorer import VLLMTeacherScorer
+    from opdcli.models import resolve_model_path
+    from opdcli.toy.tokenizer import build_toy_tokenizer
+
+    tok = build_toy_tokenizer()
+    student = AutoModelForCausalLM.from_pretrained(resolve_model_path("toy:student"))
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_model_path("toy:teacher"))
+    batch = _hf(student, tok).sample(TEXTS, SamplingParams(n=4, temperature=1.0, max_new_tokens=32))
+    ref = HFScorer(student, teacher, k=8, chunk_tokens=64, batch_size=8).score(batch)
+    llm = build_llm(resolve_model_path("toy:teacher"), VLLMConfig(), device_type="cpu", dtype="float32", seed=0,
+                    max_model_len=256, max_logprobs=8)
+    ours = VLLMTeacherScorer(HFScorer(student, None, k=8, chunk_tokens=64, batch_size=8), llm, vllm.SamplingParams,
+                             k=8).score(batch)
+    m = batch.response_mask_B_T > 0
+    assert int(m.sum()) > 20
+    assert (ours.teacher_lp_B_T[m] - ref.teacher_lp_B_T[m]).abs().max() < 1e-4
+    assert (ours.teacher_topk_lp_B_T_K[m] - ref.teacher_topk_lp_B_T_K[m]).abs().max() < 1e-4
+    same = (ours.teacher_topk_ids_B_T_K[m] == ref.teacher_topk_ids_B_T_K[m]).float().mean()
+    assert same > 0.99  # ids may swap only where two log-probs tie to 1e-4
+    assert torch.equal(ours.student_lp_B_T, ref.student_lp_B_T) and ours.teacher_lp_on_student_topk_B_T_K is None
+
+
+def test_opd_train_with_a_vllm_teacher_and_vllm_rollouts(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from opdcli.config import TrainRunConfig, load_config
+    from opdcli.loops.train import run_train
+    from opdcli.models import resolve_model_path
+    from opdcli.records.io import read_records
+
+    sets = [f"run.out_dir={tmp_path / 'run'}", "rollout.engine=vllm", "scoring.teacher_engine=vllm",
+            "loss.objective=sampled", "rollout.prompts_per_step=16", "train.max_steps=3", "eval.every=0",
+            "eval.size=8", "train.rollouts_every=1"]
+    cfg, explicit = load_config(TrainRunConfig, ROOT / "configs/toy/opd.yaml", sets)
+    result = run_train(cfg, explicit, ["opd", "train"])
+    assert result.steps == 3
+    records = list(read_records(tmp_path / "run" / "rollouts.jsonl"))
+    assert records and all(r.teacher_lp_on_student_topk is None and r.teacher_topk_ids for r in records)
+    start = AutoModelForCausalLM.from_pretrained(resolve_model_path("toy:student"))
+    end = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step_3")
+    moved = max(float((a - b).detach().abs().max()) for a, b in zip(start.parameters(), end.parameters(), strict=True))
+    assert moved > 1e-5

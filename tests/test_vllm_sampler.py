@@ -164,7 +164,7 @@ def test_cli_refusals_are_one_line_and_come_before_any_model_loads(tmp_path):
 
     base = ["train", "--config", "configs/toy/opd.yaml", "--set", f"run.out_dir={tmp_path / 'r'}"]
     off = _opd(*base, "--set", "vllm.sleep=false")
-    assert off.returncode != 0 and "vllm.sleep cannot take effect: rollout.engine=hf" in off.stderr
+    assert off.returncode != 0 and "vllm.sleep cannot take effect: no vLLM engine runs" in off.stderr
     assert "Traceback" not in off.stderr
     online = _opd(*base, "--set", "rollout.engine=vllm", "--method", "prune", "--set", "method.options.online=true")
     assert online.returncode != 0 and "Traceback" not in online.stderr

@@ -166,7 +166,8 @@ class ScoredBatch:
     student_topk_lp_B_T_K: torch.Tensor
     teacher_topk_ids_B_T_K: torch.Tensor
     teacher_topk_lp_B_T_K: torch.Tensor
-    teacher_lp_on_student_topk_B_T_K: torch.Tensor
+    teacher_lp_on_student_topk_B_T_K: torch.Tensor | None
+    """None where the teacher engine cannot score arbitrary ids (vLLM: scoring.teacher_engine)."""
     version_B: torch.Tensor
     ref_lp_B_T: torch.Tensor | None = None
     stored_teacher_lp_B_T: torch.Tensor | None = None

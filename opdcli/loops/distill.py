@@ -120,6 +120,9 @@ def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | Non
         if "model.teacher" in explicit and cfg.distill.mode == "sft":
             warnings.warn("model.teacher is not loaded: distill.traces=gold with mode=sft needs no "
                           "teacher", stacklevel=2)
+    if cfg.scoring.teacher_engine != "hf":
+        raise ConfigError("scoring.teacher_engine cannot take effect: opd distill trains on traces, with no "
+                          "teacher scoring of student samples; remove it (rollout.engine=vllm samples traces)")
     d = dist.init(cfg.run.device, cfg.dist.backend)
     try:
         return _run(cfg, argv or sys.argv, d)

@@ -132,6 +132,7 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     from opdcli import stages
     from opdcli.assembly import assemble, check_engine, sampler_class
     from opdcli.dist import ALONE
+    from opdcli.engines.vllm_scorer import check_teacher_engine
     from opdcli.methods import build_method
     from opdcli.models import load_configured_pair, load_reference
     from opdcli.run.context import setup_process
@@ -145,9 +146,10 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     method.check_scoring(cfg.scoring.top_k)
     check_sampler(sampler_class(cfg), method)
     check_engine(cfg, cfg.model.student, "student")
+    check_teacher_engine(cfg, method)
     prompts = _prompts(cfg)  # data errors surface before models load
     m = cfg.model
-    pair = load_configured_pair(m, cfg.run.device, cfg.run.dtype)
+    pair = load_configured_pair(m, cfg.run.device, cfg.run.dtype, load_teacher=cfg.scoring.teacher_engine == "hf")
     method.attach(pair.tokenizer)
     reference = load_reference(method.reference_model(m.student), pair, m)
     generator = torch.Generator(device=pair.device).manual_seed(cfg.run.seed)
