@@ -209,3 +209,17 @@ def test_opd_train_with_a_vllm_teacher_and_vllm_rollouts(tmp_path):
     end = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step_3")
     moved = max(float((a - b).detach().abs().max()) for a, b in zip(start.parameters(), end.parameters(), strict=True))
     assert moved > 1e-5
+
+
+def test_opd_rollout_with_vllm_engines(tmp_path):
+    from opdcli.config import TrainRunConfig, load_config
+    from opdcli.loops.rollout import run_rollout
+    from opdcli.records.io import read_records
+
+    sets = ["rollout.engine=vllm", "scoring.teacher_engine=vllm", "loss.objective=sampled",
+            "rollout.prompts_per_step=8", "rollout.samples_per_prompt=2"]
+    cfg, explicit = load_config(TrainRunConfig, ROOT / "configs/toy/opd.yaml", sets)
+    result = run_rollout(cfg, tmp_path / "r.jsonl", overrides=set(sets))
+    records = list(read_records(tmp_path / "r.jsonl"))
+    assert result.records == 16 == len(records)
+    assert all(len(r.teacher_lp) == len(r.response_ids) > 0 for r in records)
