@@ -5,8 +5,9 @@
 
 Setups: `toy` (the shipped toy student, 64 prompts x 48 new tokens, as configs/toy/opd.yaml
 samples them) and `large` (a randomly initialised toy-shaped Qwen3 of about 25M parameters,
-hidden 512, 8 layers, head size 64, 16 prompts x 512 new tokens with EOS never sampled, so every
-row runs to the budget). Per setup it times the engine start, then alternates hf and vllm
+hidden 512, 8 layers, head size 64, 16 prompts x 512 new tokens; its EOS embedding row is zeroed,
+which makes EOS rare but not impossible, so rows differ in length between engines and tokens/s is
+the figure to compare). Per setup it times the engine start, then alternates hf and vllm
 sampling `--reps` times after one warm-up each, and the weight push into vLLM. Prints medians
 and writes results.csv. Run it alone on quiet cores (the figures are wall times); it needs vLLM
 (make test-vllm builds .venv-vllm). Set VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_KVCACHE_SPACE
@@ -43,7 +44,7 @@ def _setup(name: str, tmp: Path):
                       num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = Qwen3ForCausalLM(cfg)
-    with torch.no_grad():  # EOS never wins: every row decodes the whole budget
+    with torch.no_grad():  # EOS rare: rows decode most of the budget
         model.lm_head.weight[tok.eos_token_id].zero_()
         model.model.embed_tokens.weight[tok.eos_token_id].zero_()
     folder = tmp / "large"
