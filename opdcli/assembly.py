@@ -67,7 +67,7 @@ def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *,
     follower = pair.teacher if cfg.dist.frozen_models == "replicate" or not d.active else None
     if (engine or cfg.rollout.engine) == "vllm":
         sampler = vllm_sampler(cfg, cfg.model.student, pair.tokenizer, module=policy, device=pair.device,
-                               dtype=pair.dtype)
+                               dtype=pair.dtype, follower=follower)
     else:
         sampler = HFSampler(policy, pair.tokenizer, generator=generator, follower=follower)
     scored_student = learner.module if learner is not None and not d.active else policy
@@ -122,7 +122,8 @@ def check_engine_for(cfg: Any, model_path: str, role: str, flag: str) -> None:
     check_vllm_model(resolve_model_path(model_path), device_type, role)
 
 
-def vllm_sampler(cfg: Any, model_path: str, tokenizer, *, module, device: torch.device | str, dtype: torch.dtype):
+def vllm_sampler(cfg: Any, model_path: str, tokenizer, *, module, device: torch.device | str, dtype: torch.dtype,
+                 follower: Any = None):
     """A VLLMSampler on `model_path` with the run's vllm settings, resolved dtype and seed."""
     from opdcli.engines.vllm_engine import VLLMSampler
     from opdcli.models import resolve_model_path
@@ -130,4 +131,5 @@ def vllm_sampler(cfg: Any, model_path: str, tokenizer, *, module, device: torch.
     max_len = cfg.vllm.max_model_len or cfg.vllm.prompt_budget + cfg.rollout.max_new_tokens
     return VLLMSampler(resolve_model_path(model_path), tokenizer, cfg.vllm, module=module,
                        device_type=torch.device(device).type, dtype=str(dtype).removeprefix("torch."),
-                       seed=cfg.run.seed, max_model_len=max_len)
+                       seed=cfg.run.seed, max_model_len=max_len, follower=follower,
+                       max_logprobs=cfg.vllm.max_logprobs)

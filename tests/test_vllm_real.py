@@ -223,3 +223,58 @@ def test_opd_rollout_with_vllm_engines(tmp_path):
     records = list(read_records(tmp_path / "r.jsonl"))
     assert result.records == 16 == len(records)
     assert all(len(r.teacher_lp) == len(r.response_ids) > 0 for r in records)
+
+
+def test_online_truncation_in_chunks_stops_where_the_rule_says():
+    """Prune-OPD's online stop on vLLM: every stopped row has reached the rule's event limit within
+    its last chunk, every other row ended by EOS or budget below the limit (events recomputed with
+    the transformers teacher on the engine's tokens)."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from opdcli.config import VLLMConfig
+    from opdcli.engines.types import GenerationControl, SamplingParams
+    from opdcli.engines.vllm_engine import VLLMSampler
+    from opdcli.methods.drift import top_p_accept_events
+    from opdcli.methods.prune_online import DriftStopRule
+    from opdcli.models import resolve_model_path
+    from opdcli.toy.tokenizer import build_toy_tokenizer
+
+    path = resolve_model_path("toy:student")  # the weak student samples, the teacher judges
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_model_path("toy:teacher")).eval()
+    engine = VLLMSampler(path, build_toy_tokenizer(), VLLMConfig(), module=AutoModelForCausalLM.from_pretrained(path),
+                         dtype="float32", seed=0, max_model_len=256, follower=teacher)
+    rule = DriftStopRule(k=4, theta=0.9, w_drop=0.34, chunk=4, metric="teacher_top_p_accept")
+    batch = engine.sample(TEXTS, SamplingParams(n=8, temperature=1.0, max_new_tokens=40),
+                          control=GenerationControl(40, stop=rule))
+    limit = math.ceil(1 / rule.w_drop - 1e-9)
+    with torch.no_grad():
+        kw = dict(input_ids=batch.input_ids_B_L, attention_mask=batch.attention_mask_B_L,
+                  position_ids=(batch.attention_mask_B_L.cumsum(-1) - 1).clamp(min=0))
+        P, T = batch.prompt_len, batch.response_len
+        t_lp = engine.follower(**kw).logits[:, P - 1:P - 1 + T].float().log_softmax(-1)
+    top_lp, top_ids = t_lp.topk(rule.k, dim=-1)
+    events = top_p_accept_events(batch.response_ids_B_T, top_ids, top_lp, rule.theta) & (batch.response_mask_B_T > 0)
+    lengths = batch.response_mask_B_T.sum(-1)
+    assert batch.stopped_B is not None and bool(batch.stopped_B.any())
+    for b in range(batch.batch_size):
+        n, total = int(lengths[b]), int(events[b].sum())
+        if batch.stopped_B[b]:
+            last_chunk_start = ((n - 1) // rule.chunk) * rule.chunk
+            assert total >= limit and int(events[b, :last_chunk_start].sum()) < limit
+        else:
+            assert total < limit and (bool(batch.finished_B[b]) or n == 40)
+    assert batch.follower_tokens > 0
+
+
+def test_opd_train_prune_online_on_the_vllm_engine(tmp_path):
+    from opdcli.config import TrainRunConfig, load_config
+    from opdcli.loops.train import run_train
+
+    sets = [f"run.out_dir={tmp_path / 'run'}", "rollout.engine=vllm", "method.name=prune", "method.options.online=true",
+            "rollout.prompts_per_step=16", "train.max_steps=3", "eval.every=0", "eval.size=8"]
+    cfg, explicit = load_config(TrainRunConfig, ROOT / "configs/toy/opd.yaml", sets)
+    assert run_train(cfg, explicit, ["opd", "train"]).steps == 3
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("method/prune/online_teacher_tokens", 0) > 0 for r in rows)

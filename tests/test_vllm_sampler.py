@@ -166,9 +166,9 @@ def test_cli_refusals_are_one_line_and_come_before_any_model_loads(tmp_path):
     off = _opd(*base, "--set", "vllm.sleep=false")
     assert off.returncode != 0 and "vllm.sleep cannot take effect: no vLLM engine runs" in off.stderr
     assert "Traceback" not in off.stderr
-    online = _opd(*base, "--set", "rollout.engine=vllm", "--method", "prune", "--set", "method.options.online=true")
+    online = _opd(*base, "--set", "train.mode=async", "--method", "prune", "--set", "method.options.online=true")
     assert online.returncode != 0 and "Traceback" not in online.stderr
-    assert "rollout.engine=hf or method.options.online=false" in online.stderr
+    assert "set train.mode=sync or method.options.online=false" in online.stderr
     if importlib.util.find_spec("vllm") is None:  # this environment: the install hint
         missing = _opd(*base, "--set", "rollout.engine=vllm")
         assert missing.returncode != 0 and "rollout.engine=vllm needs vLLM" in missing.stderr

@@ -15,7 +15,14 @@ left-padded by the run's tokenizer and sent as token ids (no second tokenisation
 right-padded with the EOS token inside the mask, behaviour log-probs under the sampler's own
 tempered / truncated distribution (`logprobs_mode="processed_logprobs"`, `logprobs=0`). Seeds are
 the engine's (`seed=` at start-up); no per-request seed is sent, which vLLM's CPU backend cannot
-honour with n > 1. Per-token stop rules (Prune-OPD online) need the hf engine.
+honour with n > 1.
+
+Per-token stop rules (Prune-OPD online truncation) run in chunks: every live row asks the engine
+for at most `rule.chunk` more tokens (with the student's top-K when the rule reads it), the
+transformers teacher (`follower`) scores the chunk, the rule decides, and the rows still live go
+on from where they stopped (the prefix cache keeps the continuation cheap). The stop lag is the
+chunk, as in the hf engine; the teacher re-reads each row's whole prefix per chunk (no KV cache
+across requests), which `follower_tokens` counts.
 """
 
 from __future__ import annotations
@@ -125,17 +132,20 @@ class VLLMSampler:
     """
 
     name = "vllm"
-    supports_stop_rules = False
+    supports_stop_rules = True
+    """In chunks, with a transformers teacher as `follower` (module docstring)."""
 
     def __init__(self, path: str, tokenizer, vcfg: Any, *, module=None, device_type: str = "cpu",
                  dtype: str = "float32", seed: int = 0, max_model_len: int = 1024, llm: Any = None,
-                 sampling_params_cls: Any = None) -> None:
+                 sampling_params_cls: Any = None, follower: Any = None, max_logprobs: int = 20) -> None:
+        self.follower, self.max_logprobs = follower, max_logprobs
         self.path, self.tokenizer, self.vcfg, self.model = path, tokenizer, vcfg, module
         self.device_type, self.max_model_len = device_type, max_model_len
         self.sleeps = sleep_enabled(vcfg, device_type)
         if llm is None:
             check_vllm_model(path, device_type, "policy")
-            llm = build_llm(path, vcfg, device_type=device_type, dtype=dtype, seed=seed, max_model_len=max_model_len)
+            llm = build_llm(path, vcfg, device_type=device_type, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                            max_logprobs=max_logprobs)
         self.llm = llm
         self.sampling_params_cls = sampling_params_cls or import_vllm("rollout.engine=vllm").SamplingParams
         self.eos = _eos_ids(tokenizer, module, path)
@@ -196,9 +206,13 @@ class VLLMSampler:
 
     def sample(self, prompt_texts_P: list[str], params: SamplingParams, *,
                control: GenerationControl | None = None, shard: RowShard | None = None) -> RolloutBatch:
-        if control is not None and control.stop is not None:
-            raise ConfigError("a per-token stop rule (Prune-OPD online truncation) runs only in the hf "
-                              "engine: set rollout.engine=hf")
+        rule = control.stop if control is not None else None
+        if rule is not None and self.follower is None:
+            raise ConfigError("a per-token stop rule (Prune-OPD online truncation) needs the transformers "
+                              "teacher beside the vLLM engine: set scoring.teacher_engine=hf or rollout.engine=hf")
+        if rule is not None and rule.student_topk > self.max_logprobs:
+            raise ConfigError(f"the stop rule reads the student's top-{rule.student_topk}, above the engine's "
+                              f"vllm.max_logprobs ({self.max_logprobs}); raise vllm.max_logprobs or lower the rule's k")
         max_new = control.max_new_tokens if control is not None else params.max_new_tokens
         enc = self.tokenizer(prompt_texts_P, return_tensors="pt", padding=True, add_special_tokens=False,
                              padding_side="left")
@@ -215,9 +229,15 @@ class VLLMSampler:
         for p in index_B:
             counts[p] = counts.get(p, 0) + 1
         self.wake()
-        outs = self._generate(ids_P_L, am_P_L, counts, params, max_new)
+        if rule is not None:
+            from opdcli.engines.vllm_chunks import sample_with_stop_rule
+
+            batch = sample_with_stop_rule(self, ids_P_L, am_P_L, index_B, prompt_texts_P, params, max_new, rule)
+        else:
+            outs = self._generate(ids_P_L, am_P_L, counts, params, max_new)
+            batch = self._batch(ids_P_L[index_B], am_P_L[index_B], outs, index_B, prompt_texts_P, params)
         self.sleep()
-        return self._batch(ids_P_L[index_B], am_P_L[index_B], outs, index_B, prompt_texts_P, params)
+        return batch
 
     def _generate(self, ids_P_L, am_P_L, counts: dict[int, int], params: SamplingParams, max_new: int) -> dict:
         greedy = params.temperature == 0
@@ -246,6 +266,12 @@ class VLLMSampler:
             lps = [0.0] * len(toks) if params.temperature == 0 else \
                 [float(step[t].logprob) for step, t in zip(o.logprobs, toks, strict=True)]
             rows.append((toks, lps, o.finish_reason == "stop" and bool(toks) and toks[-1] in self.eos))
+        return self.rows_to_batch(ids_B_P, am_B_P, rows, index_B, texts)
+
+    def rows_to_batch(self, ids_B_P, am_B_P, rows: list[tuple[list[int], list[float], bool]], index_B: list[int],
+                      texts: list[str], stopped_B: torch.Tensor | None = None,
+                      follower_tokens: int = 0) -> RolloutBatch:
+        """A RolloutBatch from per-row (token ids, behaviour log-probs, finished)."""
         T = max((len(r[0]) for r in rows), default=0)
         pad = self.tokenizer.pad_token_id
         B = len(rows)
@@ -262,5 +288,6 @@ class VLLMSampler:
             input_ids_B_L=torch.cat([ids_B_P, resp], 1), attention_mask_B_L=torch.cat([am_B_P, mask.to(am_B_P.dtype)], 1),
             prompt_len=int(ids_B_P.shape[1]), response_ids_B_T=resp, response_mask_B_T=mask, behavior_lp_B_T=lp,
             finished_B=finished, prompt_index_B=tuple(index_B), prompt_texts_P=tuple(texts),
-            version_B=torch.full((B,), self.version, dtype=torch.long),
+            version_B=torch.full((B,), self.version, dtype=torch.long), stopped_B=stopped_B,
+            follower_tokens=follower_tokens,
         ).to(device)
