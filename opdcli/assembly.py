@@ -62,7 +62,7 @@ def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *,
     learner = Learner(pair.student, cfg.optim, d) if train else None
     teacher, ref = pair.teacher, reference
     if d.active and cfg.dist.frozen_models == "shard":
-        teacher = shard(ResponseLM(teacher))
+        teacher = None if teacher is None else shard(ResponseLM(teacher))  # None: a vLLM teacher
         ref = None if ref is None else shard(ResponseLM(ref))
     follower = pair.teacher if cfg.dist.frozen_models == "replicate" or not d.active else None
     if (engine or cfg.rollout.engine) == "vllm":
