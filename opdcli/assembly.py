@@ -87,9 +87,8 @@ def vllm_teacher(cfg: Any, hf: HFScorer, pair: LoadedPair):
     path = resolve_model_path(cfg.model.teacher)
     device_type = torch.device(pair.device).type
     check_vllm_model(path, device_type, "teacher")
-    max_len = cfg.vllm.max_model_len or cfg.vllm.prompt_budget + cfg.rollout.max_new_tokens
     llm = build_llm(path, cfg.vllm, device_type=device_type, dtype=str(pair.dtype).removeprefix("torch."),
-                    seed=cfg.run.seed, max_model_len=max_len + 1, max_logprobs=cfg.vllm.max_logprobs)
+                    seed=cfg.run.seed, max_model_len=engine_max_len(cfg) + 1, max_logprobs=cfg.vllm.max_logprobs)
     return VLLMTeacherScorer(hf, llm, import_vllm("scoring.teacher_engine=vllm").SamplingParams,
                              k=cfg.scoring.top_k)
 
@@ -103,21 +102,27 @@ def sampler_class(cfg: Any) -> type:
     return HFSampler
 
 
-def check_engine(cfg: Any, model_path: str, role: str) -> None:
-    """Refuse, before any model loads, a vLLM engine this environment or model cannot run."""
-    if cfg.scoring.teacher_engine == "vllm" and role == "student":
-        check_engine_for(cfg, cfg.model.teacher, "teacher", "scoring.teacher_engine=vllm")
+def engine_max_len(cfg: Any) -> int:
+    """The vLLM engines' longest prompt + response: vllm.max_model_len, else the prompt budget +
+    rollout.max_new_tokens."""
+    return cfg.vllm.max_model_len or cfg.vllm.prompt_budget + cfg.rollout.max_new_tokens
+
+
+def check_engine(cfg: Any, rollout_model: str, role: str) -> None:
+    """Refuse, before any model loads, a vLLM engine this environment or its model cannot run:
+    the rollout engine's (on `rollout_model`, the run's `role`) and the teacher's."""
+    if cfg.scoring.teacher_engine == "vllm":
+        _check_engine_for(cfg, cfg.model.teacher, "teacher", "scoring.teacher_engine=vllm")
     if cfg.rollout.engine == "vllm":
-        check_engine_for(cfg, model_path, role, "rollout.engine=vllm")
+        _check_engine_for(cfg, rollout_model, role, "rollout.engine=vllm")
 
 
-def check_engine_for(cfg: Any, model_path: str, role: str, flag: str) -> None:
+def _check_engine_for(cfg: Any, model_path: str, role: str, flag: str) -> None:
     from opdcli.engines.vllm_engine import check_vllm_model, import_vllm, sleep_enabled
-    from opdcli.models import resolve_model_path
+    from opdcli.models import resolve_device, resolve_model_path
 
     import_vllm(flag)
-    device_type = torch.device(cfg.run.device if cfg.run.device != "auto" else
-                               ("cuda" if torch.cuda.is_available() else "cpu")).type
+    device_type = resolve_device(cfg.run.device).type
     sleep_enabled(cfg.vllm, device_type)
     check_vllm_model(resolve_model_path(model_path), device_type, role)
 
@@ -128,8 +133,7 @@ def vllm_sampler(cfg: Any, model_path: str, tokenizer, *, module, device: torch.
     from opdcli.engines.vllm_engine import VLLMSampler
     from opdcli.models import resolve_model_path
 
-    max_len = cfg.vllm.max_model_len or cfg.vllm.prompt_budget + cfg.rollout.max_new_tokens
     return VLLMSampler(resolve_model_path(model_path), tokenizer, cfg.vllm, module=module,
                        device_type=torch.device(device).type, dtype=str(dtype).removeprefix("torch."),
-                       seed=cfg.run.seed, max_model_len=max_len, follower=follower,
+                       seed=cfg.run.seed, max_model_len=engine_max_len(cfg), follower=follower,
                        max_logprobs=cfg.vllm.max_logprobs)

@@ -139,10 +139,10 @@ class VLLMConfig:
     sleep: bool | None = None
     """Free the engine's GPU memory while the learner trains (sleep / wake_up). null: on CUDA,
     not on CPU, where vLLM has no sleep mode (true is refused there)."""
-    weight_sync: Literal["auto", "inprocess", "folder"] = "auto"
+    weight_sync: Literal["inprocess", "folder"] = "inprocess"
     """How new weights reach the engine: inprocess hands the tensors to the in-process engine's
     reload_weights; folder saves them (safetensors) and has the engine reload that folder (an engine
-    in its own process). auto: inprocess."""
+    in its own process)."""
     prompt_budget: int = 512
     """Prompt tokens reserved in the default max_model_len."""
     max_logprobs: int = 20

@@ -84,13 +84,11 @@ def sample_with_stop_rule(sampler: Any, ids_P_L: torch.Tensor, am_P_L: torch.Ten
                 finished[b], live[b] = True, False
             elif len(gen[b]) >= max_new or not new:
                 live[b] = False
-        logits = torch.zeros(B, chunk, 1, device=dev)
-        if rows:
-            t_rows = _teacher_logits(teacher, [prompts[b] + gen[b] for b in rows], [starts[b] for b in rows], chunk,
-                                     sampler.tokenizer.pad_token_id)
-            logits = torch.zeros(B, chunk, t_rows.shape[-1], device=dev)
-            logits[rows] = t_rows
-            follower_tokens += sum(len(prompts[b]) + len(gen[b]) for b in rows)
+        t_rows = _teacher_logits(teacher, [prompts[b] + gen[b] for b in rows], [starts[b] for b in rows], chunk,
+                                 sampler.tokenizer.pad_token_id)
+        logits = torch.zeros(B, chunk, t_rows.shape[-1], device=dev)
+        logits[rows] = t_rows
+        follower_tokens += sum(len(prompts[b]) + len(gen[b]) for b in rows)
         stop = state.update(tok.to(dev), s_ids.to(dev) if k else None, logits, valid.to(dev))
         for b in rows:
             if bool(stop[b]):

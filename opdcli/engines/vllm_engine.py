@@ -85,13 +85,13 @@ def sleep_enabled(vcfg: Any, device_type: str) -> bool:
 def build_llm(path: str, vcfg: Any, *, device_type: str, dtype: str, seed: int, max_model_len: int,
               max_logprobs: int = 1) -> Any:
     """A vLLM engine on `path` with the run's dtype, seed and memory settings."""
-    if vcfg.weight_sync in ("auto", "inprocess"):
+    if vcfg.weight_sync == "inprocess":
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
     if device_type == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(vcfg.kv_cache_space_gb))))
     vllm = import_vllm("rollout.engine=vllm")
     kwargs: dict[str, Any] = {
-        "model": path, "dtype": "auto" if dtype == "auto" else dtype, "seed": seed, "max_model_len": max_model_len,
+        "model": path, "dtype": dtype, "seed": seed, "max_model_len": max_model_len,
         "max_logprobs": max(1, max_logprobs), "logprobs_mode": "processed_logprobs",
         "enforce_eager": vcfg.enforce_eager, "enable_prefix_caching": vcfg.enable_prefix_caching,
     }
@@ -140,7 +140,7 @@ class VLLMSampler:
                  sampling_params_cls: Any = None, follower: Any = None, max_logprobs: int = 20) -> None:
         self.follower, self.max_logprobs = follower, max_logprobs
         self.path, self.tokenizer, self.vcfg, self.model = path, tokenizer, vcfg, module
-        self.device_type, self.max_model_len = device_type, max_model_len
+        self.max_model_len = max_model_len
         self.sleeps = sleep_enabled(vcfg, device_type)
         if llm is None:
             check_vllm_model(path, device_type, "policy")
@@ -152,26 +152,22 @@ class VLLMSampler:
         self.version = 0
         self.generator = None  # the engine seeds itself; kept for the loops' uniform set-up
         self.asleep = False
-        self.weight_pushes, self.push_seconds = 0, 0.0
+        self.weight_pushes = 0
 
     # ------------------------------------------------------------------------------ weights
 
     def sync_weights(self, state: dict[str, torch.Tensor] | None, version: int) -> None:
         """Push `state` (None: the mirrored module's current weights) into the engine; a given
         `state` also refreshes the mirrored module (a replica under torchrun)."""
-        import time
-
         if state is None and self.model is not None:
             state = self.model.state_dict()
         elif state is not None and self.model is not None:
             self.model.load_state_dict(state)
         if state is not None:
-            t0 = time.perf_counter()
             self.wake()
             self._push(state)
             self.llm.reset_prefix_cache()
             self.weight_pushes += 1
-            self.push_seconds += time.perf_counter() - t0
         self.version = version
 
     def _push(self, state: dict[str, torch.Tensor]) -> None:

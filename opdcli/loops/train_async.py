@@ -19,6 +19,7 @@ import time
 from collections import deque
 
 from opdcli import stages
+from opdcli.assembly import engine_max_len
 from opdcli.config import TrainRunConfig
 from opdcli.data import PromptSource, render
 from opdcli.dist import ALONE, from_env
@@ -65,7 +66,7 @@ def run_train_async(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | N
                          attn_implementation=m.attn_implementation,
                          teacher=m.teacher if a.worker_scoring else None, chunk_tokens=cfg.scoring.chunk_tokens,
                          score_batch=cfg.scoring.batch_size, engine=cfg.rollout.engine, vllm=cfg.vllm,
-                         max_model_len=cfg.vllm.max_model_len or cfg.vllm.prompt_budget + cfg.rollout.max_new_tokens)
+                         max_model_len=engine_max_len(cfg))
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops like Ctrl-C
     try:
         before = ctx.evaluate()
