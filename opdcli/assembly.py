@@ -79,9 +79,21 @@ def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *,
 
 
 def vllm_teacher(cfg: Any, hf: HFScorer, pair: LoadedPair):
-    """A VLLMTeacherScorer: the teacher on an in-process vLLM engine, the student on `hf`."""
-    from opdcli.engines.vllm_engine import build_llm, check_vllm_model, import_vllm
+    """A VLLMTeacherScorer: the teacher on an in-process vLLM engine, or at vllm.teacher_url; the
+    student on `hf`."""
     from opdcli.engines.vllm_scorer import VLLMTeacherScorer
+
+    width = pair.student.get_output_embeddings().weight.shape[0]
+    return VLLMTeacherScorer(hf, _teacher_source(cfg, pair), k=cfg.scoring.top_k, vocab_size=width)
+
+
+def _teacher_source(cfg: Any, pair: LoadedPair):
+    if cfg.vllm.teacher_url is not None:
+        from opdcli.engines.vllm_endpoint import TeacherEndpoint
+
+        return TeacherEndpoint.connect(cfg, pair.tokenizer)
+    from opdcli.engines.vllm_engine import build_llm, check_vllm_model, import_vllm
+    from opdcli.engines.vllm_scorer import InProcessTeacher
     from opdcli.models import resolve_model_path
 
     path = resolve_model_path(cfg.model.teacher)
@@ -89,8 +101,14 @@ def vllm_teacher(cfg: Any, hf: HFScorer, pair: LoadedPair):
     check_vllm_model(path, device_type, "teacher")
     llm = build_llm(path, cfg.vllm, device_type=device_type, dtype=str(pair.dtype).removeprefix("torch."),
                     seed=cfg.run.seed, max_model_len=engine_max_len(cfg) + 1, max_logprobs=cfg.vllm.max_logprobs)
-    return VLLMTeacherScorer(hf, llm, import_vllm("scoring.teacher_engine=vllm").SamplingParams,
-                             k=cfg.scoring.top_k)
+    return InProcessTeacher(llm, import_vllm("scoring.teacher_engine=vllm").SamplingParams)
+
+
+def teacher_loading(cfg: Any) -> dict[str, bool]:
+    """load_pair's teacher options: its weights only for a transformers teacher, its files not
+    at all for a teacher endpoint."""
+    return {"load_teacher": cfg.scoring.teacher_engine == "hf",
+            "teacher_files": cfg.scoring.teacher_engine == "hf" or cfg.vllm.teacher_url is None}
 
 
 def sampler_class(cfg: Any) -> type:
@@ -110,8 +128,14 @@ def engine_max_len(cfg: Any) -> int:
 
 def check_engine(cfg: Any, rollout_model: str, role: str) -> None:
     """Refuse, before any model loads, a vLLM engine this environment or its model cannot run:
-    the rollout engine's (on `rollout_model`, the run's `role`) and the teacher's."""
-    if cfg.scoring.teacher_engine == "vllm":
+    the rollout engine's (on `rollout_model`, the run's `role`) and the teacher's (or the teacher
+    endpoint that does not answer, serve model.teacher, tokenize like the student or fit the run)."""
+    if cfg.scoring.teacher_engine == "vllm" and cfg.vllm.teacher_url is not None:
+        from opdcli.engines.vllm_endpoint import TeacherEndpoint
+        from opdcli.models import load_tokenizer
+
+        TeacherEndpoint.connect(cfg, load_tokenizer(cfg.model.student, cfg.model.trust_remote_code))
+    elif cfg.scoring.teacher_engine == "vllm":
         _check_engine_for(cfg, cfg.model.teacher, "teacher", "scoring.teacher_engine=vllm")
     if cfg.rollout.engine == "vllm":
         _check_engine_for(cfg, rollout_model, role, "rollout.engine=vllm")

@@ -123,7 +123,8 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class VLLMConfig:
-    """The vLLM engine behind `rollout.engine=vllm` (one per process, colocated with the learner)."""
+    """The vLLM engines behind `rollout.engine=vllm` and `scoring.teacher_engine=vllm` (one per
+    process, colocated with the learner), or the teacher's vLLM endpoint."""
 
     gpu_memory_utilization: float = 0.3
     """Share of the GPU's memory the engine may take (weights + KV cache); CUDA only."""
@@ -147,6 +148,16 @@ class VLLMConfig:
     """Prompt tokens reserved in the default max_model_len."""
     max_logprobs: int = 20
     """Most log-probs per position an engine returns (a vLLM teacher needs >= scoring.top_k)."""
+    teacher_url: str | None = None
+    """A running `vllm serve` endpoint (http://host:port) that scores the teacher, on other GPUs
+    or nodes, instead of an in-process engine; model.teacher names the served model (its served
+    name or the folder it was started on). Needs scoring.teacher_engine=vllm."""
+    request_timeout_s: float = 600.0
+    """Seconds one request to vllm.teacher_url may take."""
+    request_retries: int = 3
+    """Retries of a request that fails for a transient reason (unreachable, time-out, 5xx)."""
+    max_concurrent_requests: int = 32
+    """Requests (one per sequence) in flight to vllm.teacher_url at once."""
 
 
 @dataclass(frozen=True)
@@ -160,8 +171,9 @@ class ScoringConfig:
     batch_size: int = 64
     """Sequences per forward pass."""
     teacher_engine: Literal["hf", "vllm"] = "hf"
-    """hf: transformers forwards; vllm: an in-process vLLM engine's prompt_logprobs (the teacher's
-    own tokens' log-probs and top-K; no logits, no log-probs on the student's top-K ids)."""
+    """hf: transformers forwards; vllm: vLLM's prompt_logprobs, from an in-process engine or from
+    the endpoint at vllm.teacher_url (the teacher's own tokens' log-probs and top-K; no logits, no
+    log-probs on the student's top-K ids)."""
 
 
 @dataclass(frozen=True)

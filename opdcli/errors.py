@@ -44,3 +44,7 @@ class BenchmarkNotFoundError(ConfigError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class EngineError(OpdError, RuntimeError):
+    """An inference engine or a model endpoint cannot be reached or answers with an error."""

@@ -142,18 +142,22 @@ def check_widths(a: int, b: int, name_a: str, name_b: str) -> None:
 
 def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
               trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-              load_teacher: bool = True) -> LoadedPair:
+              load_teacher: bool = True, teacher_files: bool = True) -> LoadedPair:
     """Load and cross-check the student and teacher (tokenizers first, which is cheap).
 
     `load_teacher` false: the teacher runs in another engine (vLLM); its tokenizer and its
-    config's vocabulary size are still checked against the student, its weights not loaded."""
+    config's vocabulary size are still checked against the student, its weights not loaded.
+    `teacher_files` false too: the teacher is served elsewhere (an endpoint, which checks its own
+    tokenizer against the student's); nothing of it is read here."""
     device = resolve_device(run_device)
     dtype = resolve_dtype(run_dtype, device)
     tok_s = load_tokenizer(student, trust_remote_code)
-    tok_t = load_tokenizer(teacher, trust_remote_code)
-    check_same_vocabulary(tok_s, tok_t, student, teacher)
+    if teacher_files:
+        check_same_vocabulary(tok_s, load_tokenizer(teacher, trust_remote_code), student, teacher)
     kw = {"trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
     s = load_model(student, device, dtype, trainable=True, **kw)
+    if not teacher_files:
+        return LoadedPair(student=s, teacher=None, tokenizer=tok_s, device=device, dtype=dtype)
     if not load_teacher:
         from transformers import AutoConfig
 
@@ -165,10 +169,12 @@ def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
     return LoadedPair(student=s, teacher=t, tokenizer=tok_s, device=device, dtype=dtype)
 
 
-def load_configured_pair(m: ModelConfig, run_device: str, run_dtype: str, load_teacher: bool = True) -> LoadedPair:
+def load_configured_pair(m: ModelConfig, run_device: str, run_dtype: str, load_teacher: bool = True,
+                         teacher_files: bool = True) -> LoadedPair:
     """load_pair with the model config's student, teacher and loading options."""
     return load_pair(m.student, m.teacher, run_device, run_dtype, trust_remote_code=m.trust_remote_code,
-                     attn_implementation=m.attn_implementation, load_teacher=load_teacher)
+                     attn_implementation=m.attn_implementation, load_teacher=load_teacher,
+                     teacher_files=teacher_files)
 
 
 def load_reference(name: str | None, pair: LoadedPair, m: ModelConfig) -> Any:

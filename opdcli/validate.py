@@ -97,6 +97,33 @@ def validate_common(cfg: Any, explicit: set[str]) -> None:
             or (v.max_model_len is not None and v.max_model_len <= r.max_new_tokens):
         raise ConfigError("vllm.gpu_memory_utilization must be in (0, 1], kv_cache_space_gb > 0, prompt_budget "
                           f">= 1 and max_model_len (when set) above rollout.max_new_tokens ({r.max_new_tokens})")
+    _check_teacher_url(cfg, explicit)
+
+
+ENDPOINT_KEYS = frozenset({"vllm.teacher_url", "vllm.request_timeout_s", "vllm.request_retries",
+                           "vllm.max_concurrent_requests"})
+
+
+def _check_teacher_url(cfg: Any, explicit: set[str]) -> None:
+    v = cfg.vllm
+    if v.teacher_url is None:
+        for key in sorted(ENDPOINT_KEYS - {"vllm.teacher_url"}):
+            if key in explicit:
+                raise ConfigError(f"{key} cannot take effect: it applies to the teacher endpoint only; set "
+                                  "vllm.teacher_url or remove it")
+        return
+    if cfg.rollout.engine != "vllm":
+        for key in sorted(k for k in explicit if k.startswith("vllm.") and k not in ENDPOINT_KEYS):
+            raise ConfigError(f"{key} cannot take effect: no in-process vLLM engine runs (the teacher is at "
+                              "vllm.teacher_url, rollout.engine is hf); remove it")
+    if cfg.scoring.teacher_engine != "vllm":
+        raise ConfigError("vllm.teacher_url cannot take effect: the teacher is scored by transformers; set "
+                          "scoring.teacher_engine=vllm or remove vllm.teacher_url")
+    if not str(v.teacher_url).startswith(("http://", "https://")):
+        raise ConfigError(f"vllm.teacher_url is {v.teacher_url!r}; give the server's address, e.g. "
+                          "http://127.0.0.1:8000")
+    if v.request_timeout_s <= 0 or v.request_retries < 0 or v.max_concurrent_requests < 1:
+        raise ConfigError("vllm.request_timeout_s must be > 0, request_retries >= 0 and max_concurrent_requests >= 1")
 
 
 def check_sampler(sampler: Any, method: Any) -> None:

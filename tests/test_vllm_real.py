@@ -167,7 +167,7 @@ def test_teacher_scoring_on_vllm_equals_transformers():
     from opdcli.engines.hf_scorer import HFScorer
     from opdcli.engines.types import SamplingParams
     from opdcli.engines.vllm_engine import build_llm
-    from opdcli.engines.vllm_scorer import VLLMTeacherScorer
+    from opdcli.engines.vllm_scorer import InProcessTeacher, VLLMTeacherScorer
     from opdcli.models import resolve_model_path
     from opdcli.toy.tokenizer import build_toy_tokenizer
 
@@ -178,8 +178,8 @@ def test_teacher_scoring_on_vllm_equals_transformers():
     ref = HFScorer(student, teacher, k=8, chunk_tokens=64, batch_size=8).score(batch)
     llm = build_llm(resolve_model_path("toy:teacher"), VLLMConfig(), device_type="cpu", dtype="float32", seed=0,
                     max_model_len=256, max_logprobs=8)
-    ours = VLLMTeacherScorer(HFScorer(student, None, k=8, chunk_tokens=64, batch_size=8), llm, vllm.SamplingParams,
-                             k=8).score(batch)
+    ours = VLLMTeacherScorer(HFScorer(student, None, k=8, chunk_tokens=64, batch_size=8),
+                             InProcessTeacher(llm, vllm.SamplingParams), k=8).score(batch)
     m = batch.response_mask_B_T > 0
     assert int(m.sum()) > 20
     assert (ours.teacher_lp_B_T[m] - ref.teacher_lp_B_T[m]).abs().max() < 1e-4
@@ -278,3 +278,94 @@ def test_opd_train_prune_online_on_the_vllm_engine(tmp_path):
     assert run_train(cfg, explicit, ["opd", "train"]).steps == 3
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("method/prune/online_teacher_tokens", 0) > 0 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def served_teacher(tmp_path_factory):
+    """A real `vllm serve` (the OpenAI-compatible API server) on the toy teacher, in its own
+    processes; yields its URL."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from opdcli.models import resolve_model_path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model_path("toy:teacher"),
+           "--served-model-name", "toy-teacher", "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", "16",
+           "--max-model-len", "512", "--dtype", "float32", "--enforce-eager"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 400
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=5).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"vllm serve did not answer in 400 s:\n{log.read_text()[-3000:]}")
+                time.sleep(2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_teacher_scoring_through_vllm_serve_equals_transformers(served_teacher):
+    from transformers import AutoModelForCausalLM
+
+    from opdcli.config import TrainRunConfig, load_config
+    from opdcli.engines.hf_scorer import HFScorer
+    from opdcli.engines.types import SamplingParams
+    from opdcli.engines.vllm_endpoint import TeacherEndpoint
+    from opdcli.engines.vllm_scorer import VLLMTeacherScorer
+    from opdcli.models import resolve_model_path
+    from opdcli.toy.tokenizer import build_toy_tokenizer
+
+    tok = build_toy_tokenizer()
+    student = AutoModelForCausalLM.from_pretrained(resolve_model_path("toy:student"))
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_model_path("toy:teacher"))
+    batch = _hf(student, tok).sample(TEXTS, SamplingParams(n=4, temperature=1.0, max_new_tokens=32))
+    ref = HFScorer(student, teacher, k=8, chunk_tokens=64, batch_size=8).score(batch)
+    cfg, _ = load_config(TrainRunConfig, None, ["scoring.teacher_engine=vllm", "loss.objective=sampled",
+                                                f"vllm.teacher_url={served_teacher}", "scoring.top_k=8"])
+    ep = TeacherEndpoint.connect(cfg, tok)  # model.teacher=toy:teacher matches the folder it serves
+    assert ep.model == "toy-teacher" and ep.max_model_len == 512
+    ours = VLLMTeacherScorer(HFScorer(student, None, k=8, chunk_tokens=64, batch_size=8), ep, k=8,
+                             vocab_size=student.config.vocab_size).score(batch)
+    m = batch.response_mask_B_T > 0
+    assert int(m.sum()) > 20
+    assert (ours.teacher_lp_B_T[m] - ref.teacher_lp_B_T[m]).abs().max() < 1e-4
+    assert (ours.teacher_topk_lp_B_T_K[m] - ref.teacher_topk_lp_B_T_K[m]).abs().max() < 1e-4
+    assert (ours.teacher_topk_ids_B_T_K[m] == ref.teacher_topk_ids_B_T_K[m]).float().mean() > 0.99
+
+
+def test_opd_train_with_the_teacher_behind_vllm_serve(served_teacher, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from opdcli.config import TrainRunConfig, load_config
+    from opdcli.loops.train import run_train
+    from opdcli.models import resolve_model_path
+
+    sets = [f"run.out_dir={tmp_path / 'run'}", "scoring.teacher_engine=vllm", f"vllm.teacher_url={served_teacher}",
+            "model.teacher=toy-teacher", "loss.objective=sampled", "rollout.prompts_per_step=16",
+            "train.max_steps=3", "eval.every=0", "eval.size=8"]
+    cfg, explicit = load_config(TrainRunConfig, ROOT / "configs/toy/opd.yaml", sets)
+    assert run_train(cfg, explicit, ["opd", "train"]).steps == 3
+    start = AutoModelForCausalLM.from_pretrained(resolve_model_path("toy:student"))
+    end = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step_3")
+    moved = max(float((a - b).detach().abs().max()) for a, b in zip(start.parameters(), end.parameters(), strict=True))
+    assert moved > 1e-5

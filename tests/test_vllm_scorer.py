@@ -11,6 +11,7 @@ import torch
 
 from opdcli.config import LossConfig, TrainRunConfig, load_config
 from opdcli.engines.vllm_scorer import (
+    InProcessTeacher,
     VLLMTeacherScorer,
     check_teacher_engine,
     parse_prompt_logprobs,
@@ -24,12 +25,16 @@ def _entry(pairs):
     return {i: SimpleNamespace(logprob=lp, rank=r) for i, (lp, r) in pairs.items()}
 
 
+def _plain(entries):
+    return [None if d is None else {t: (v.logprob, v.rank) for t, v in d.items()} for d in entries]
+
+
 def test_parse_prompt_logprobs_by_hand():
     ids = [5, 7, 9]
     entries = [None,
                _entry({7: (-0.5, 1), 3: (-1.5, 2), 4: (-2.0, 3)}),
                _entry({9: (-4.0, 6), 1: (-0.1, 1), 2: (-2.5, 2), 8: (-3.0, 3)})]  # actual token outside top-3
-    lp, top_ids, top_lp = parse_prompt_logprobs(entries, ids, 1, 2, 3)
+    lp, top_ids, top_lp = parse_prompt_logprobs(_plain(entries), ids, 1, 2, 3)
     assert lp == [-0.5, -4.0]
     assert top_ids == [[7, 3, 4], [1, 2, 8]] and top_lp == [[-0.5, -1.5, -2.0], [-0.1, -2.5, -3.0]]
 
@@ -59,7 +64,7 @@ def test_teacher_scores_read_each_rows_response_positions():
     batch = RolloutBatch(ids, am, P, ids[:, P:], rm, torch.zeros(B, T), torch.ones(B, dtype=torch.bool), (0, 1),
                          ("a", "b"), version_B=torch.zeros(B, dtype=torch.long))
     llm = FakeTeacherLLM()
-    scorer = VLLMTeacherScorer(SimpleNamespace(batch_size=8), llm, lambda **kw: kw, k=2)
+    scorer = VLLMTeacherScorer(SimpleNamespace(batch_size=8), InProcessTeacher(llm, lambda **kw: kw), k=2)
     lp, top_ids, top_lp = scorer.teacher_scores(batch)
     assert [r["prompt_token_ids"] for r in llm.requests] == [[11, 12, 21, 22, 23], [13, 14, 15, 24, 25]]
     assert torch.allclose(lp[0], torch.tensor([-0.21, -0.22, -0.23])) and lp[1].tolist()[2] == 0.0

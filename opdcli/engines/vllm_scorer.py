@@ -20,7 +20,7 @@ import torch
 
 from opdcli.config import FULL_DISTRIBUTION
 from opdcli.engines.types import RolloutBatch, ScoredBatch
-from opdcli.errors import ConfigError
+from opdcli.errors import ConfigError, EngineError
 
 NEEDS_STUDENT_TOPK = frozenset({"release", "topd"})
 """Methods that read the teacher's log-probs on the student's top-K ids."""
@@ -42,7 +42,7 @@ def check_teacher_engine(cfg: Any, method: Any) -> None:
     if method.stop_rule() is not None:
         raise ConfigError(f"method '{method.name}' with online truncation runs the teacher along generation in "
                           f"transformers{alternative}, or method.options.online=false")
-    if cfg.scoring.top_k > cfg.vllm.max_logprobs:
+    if cfg.vllm.teacher_url is None and cfg.scoring.top_k > cfg.vllm.max_logprobs:  # a server has its own
         raise ConfigError(f"scoring.top_k ({cfg.scoring.top_k}) exceeds vllm.max_logprobs ({cfg.vllm.max_logprobs}); "
                           "raise vllm.max_logprobs or lower scoring.top_k")
 
@@ -51,25 +51,41 @@ def parse_prompt_logprobs(entries: list, ids: list[int], start: int, length: int
                           ) -> tuple[list[float], list[list[int]], list[list[float]]]:
     """(log-prob of the actual token, top-K ids, top-K log-probs) for positions start..start+length.
 
-    `entries[j]` maps token id -> an object with `.logprob` and `.rank` (1 = most likely), for
-    the token at position j given the tokens before it. The actual token is always present; it
-    counts among the top-K only when its rank is within K.
+    `entries[j]` maps token id -> (logprob, rank) (rank 1 = most likely), for the token at
+    position j given the tokens before it. The actual token is always present; it counts among
+    the top-K only when its rank is within K.
     """
     lp, top_ids, top_lp = [], [], []
     for j in range(start, start + length):
         d = entries[j]
-        lp.append(float(d[ids[j]].logprob))
-        ranked = sorted(((v.rank, tid, float(v.logprob)) for tid, v in d.items() if v.rank is not None and v.rank <= k))
+        lp.append(float(d[ids[j]][0]))
+        ranked = sorted(((r, tid, float(x)) for tid, (x, r) in d.items() if r is not None and r <= k))
         top_ids.append([tid for _, tid, _ in ranked[:k]])
         top_lp.append([x for _, _, x in ranked[:k]])
     return lp, top_ids, top_lp
 
 
-class VLLMTeacherScorer:
-    """Scorer: the student / reference by `hf` (an HFScorer without a teacher), the teacher by `llm`."""
+class InProcessTeacher:
+    """`prompt_logprobs` from an in-process vLLM engine (`llm`), in TeacherEndpoint's form."""
 
-    def __init__(self, hf: Any, llm: Any, sampling_params_cls: Any, *, k: int) -> None:
-        self.hf, self.llm, self.sampling_params_cls, self.k = hf, llm, sampling_params_cls, k
+    def __init__(self, llm: Any, sampling_params_cls: Any) -> None:
+        self.llm, self.sampling_params_cls = llm, sampling_params_cls
+
+    def prompt_logprobs(self, prompts: list[list[int]], k: int) -> list[list]:
+        if not prompts:
+            return []
+        sp = self.sampling_params_cls(max_tokens=1, prompt_logprobs=k, temperature=1.0, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return [[None if d is None else {t: (v.logprob, v.rank) for t, v in d.items()} for d in o.prompt_logprobs]
+                for o in outs]
+
+
+class VLLMTeacherScorer:
+    """Scorer: the student / reference by `hf` (an HFScorer without a teacher), the teacher by
+    `source` (an InProcessTeacher or a TeacherEndpoint)."""
+
+    def __init__(self, hf: Any, source: Any, *, k: int, vocab_size: int | None = None) -> None:
+        self.hf, self.source, self.k, self.vocab_size = hf, source, k, vocab_size
         self.scored_tokens = 0
 
     def teacher_logits(self, hidden_B_C_H: torch.Tensor) -> torch.Tensor:
@@ -79,26 +95,27 @@ class VLLMTeacherScorer:
     def teacher_scores(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(teacher lp B x T, top-K ids B x T x K, top-K lp B x T x K) on the batch's response tokens."""
         B, T, P = batch.batch_size, batch.response_len, batch.prompt_len
-        requests, spans = [], []
+        prompts, spans = [], []
         for b in range(B):
             am = batch.attention_mask_B_L[b, :P] > 0
             prompt = batch.input_ids_B_L[b, :P][am].tolist()
             n = int(batch.response_mask_B_T[b].sum())
-            requests.append({"prompt_token_ids": prompt + batch.response_ids_B_T[b, :n].tolist()})
+            prompts.append(prompt + batch.response_ids_B_T[b, :n].tolist())
             spans.append((len(prompt), n))
-        sp = self.sampling_params_cls(max_tokens=1, prompt_logprobs=self.k, temperature=1.0, detokenize=False)
-        outs = self.llm.generate(requests, sp, use_tqdm=False) if requests else []
+        outs = self.source.prompt_logprobs(prompts, self.k)
         lp = torch.zeros(B, T)
         ids = torch.zeros(B, T, self.k, dtype=torch.long)
         top = torch.zeros(B, T, self.k)
-        for b, (out, (start, n), req) in enumerate(zip(outs, spans, requests, strict=True)):
-            row_lp, row_ids, row_top = parse_prompt_logprobs(out.prompt_logprobs, req["prompt_token_ids"], start, n,
-                                                             self.k)
+        for b, (entries, (start, n), row) in enumerate(zip(outs, spans, prompts, strict=True)):
+            row_lp, row_ids, row_top = parse_prompt_logprobs(entries, row, start, n, self.k)
             lp[b, :n] = torch.tensor(row_lp)
             for t in range(n):
                 ids[b, t, :len(row_ids[t])] = torch.tensor(row_ids[t], dtype=torch.long)
                 top[b, t, :len(row_top[t])] = torch.tensor(row_top[t])
             self.scored_tokens += n
+        if self.vocab_size is not None and B and int(ids.max()) >= self.vocab_size:
+            raise EngineError(f"the vLLM teacher returned token id {int(ids.max())}, beyond the student's "
+                              f"{self.vocab_size} ids; teacher and student must share one vocabulary")
         dev = batch.response_ids_B_T.device
         return lp.to(dev), ids.to(dev), top.to(dev)
 

@@ -130,7 +130,7 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     import torch
 
     from opdcli import stages
-    from opdcli.assembly import assemble, check_engine, sampler_class
+    from opdcli.assembly import assemble, check_engine, sampler_class, teacher_loading
     from opdcli.dist import ALONE
     from opdcli.engines.vllm_scorer import check_teacher_engine
     from opdcli.methods import build_method
@@ -145,11 +145,11 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
     method.check_scoring(cfg.scoring.top_k)
     check_sampler(sampler_class(cfg), method)
-    check_engine(cfg, cfg.model.student, "student")
     check_teacher_engine(cfg, method)
+    check_engine(cfg, cfg.model.student, "student")
     prompts = _prompts(cfg)  # data errors surface before models load
     m = cfg.model
-    pair = load_configured_pair(m, cfg.run.device, cfg.run.dtype, load_teacher=cfg.scoring.teacher_engine == "hf")
+    pair = load_configured_pair(m, cfg.run.device, cfg.run.dtype, **teacher_loading(cfg))
     method.attach(pair.tokenizer)
     reference = load_reference(method.reference_model(m.student), pair, m)
     generator = torch.Generator(device=pair.device).manual_seed(cfg.run.seed)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from opdcli import dist
-from opdcli.assembly import Parts, assemble, check_engine, check_placement
+from opdcli.assembly import Parts, assemble, check_engine, check_placement, teacher_loading
 from opdcli.data import PromptSource, heldout_prompts
 from opdcli.engines.vllm_scorer import check_teacher_engine
 from opdcli.methods import Method, build_method
@@ -40,14 +40,14 @@ def prepare_training(cfg: Any, argv: list[str], d: dist.Dist, sampler: Any,
     check_sampler(sampler, method)
     check_placement(cfg, d, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
                     method.stop_rule() is not None)
-    check_engine(cfg, cfg.model.student, "student")
     check_teacher_engine(cfg, method)
+    check_engine(cfg, cfg.model.student, "student")
     source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
     heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
     ckpt = resume_point(cfg)
     m = cfg.model
     pair = load_configured_pair(m, dist.device_for(cfg.run.device, d), cfg.run.dtype,
-                                load_teacher=cfg.scoring.teacher_engine == "hf")
+                                **teacher_loading(cfg))
     if ckpt is not None:
         load_weights(pair.student, ckpt)
     method.attach(pair.tokenizer)
