@@ -145,8 +145,11 @@ def _check_engine_for(cfg: Any, model_path: str, role: str, flag: str) -> None:
     from opdcli.engines.vllm_engine import check_vllm_model, import_vllm, sleep_enabled
     from opdcli.models import resolve_device, resolve_model_path
 
-    import_vllm(flag)
     device_type = resolve_device(cfg.run.device).type
+    if cfg.vllm.weight_sync == "nccl" and device_type != "cuda":
+        raise ConfigError(f"vllm.weight_sync=nccl broadcasts between GPUs, and run.device is {device_type}; "
+                          "use vllm.weight_sync=inprocess (one box) or folder")
+    import_vllm(flag)
     sleep_enabled(cfg.vllm, device_type)
     check_vllm_model(resolve_model_path(model_path), device_type, role)
 

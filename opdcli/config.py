@@ -140,10 +140,11 @@ class VLLMConfig:
     sleep: bool | None = None
     """Free the engine's GPU memory while the learner trains (sleep / wake_up). null: on CUDA,
     not on CPU, where vLLM has no sleep mode (true is refused there)."""
-    weight_sync: Literal["inprocess", "folder"] = "inprocess"
+    weight_sync: Literal["inprocess", "folder", "nccl"] = "inprocess"
     """How new weights reach the engine: inprocess hands the tensors to the in-process engine's
     reload_weights; folder saves them (safetensors) and has the engine reload that folder (an engine
-    in its own process)."""
+    in its own process); nccl broadcasts them from the learner's GPU to the rollout workers'
+    engines, each on its own GPU (train.mode=async, CUDA)."""
     prompt_budget: int = 512
     """Prompt tokens reserved in the default max_model_len."""
     max_logprobs: int = 20
@@ -263,6 +264,9 @@ class AsyncConfig:
     worker_scoring: bool = False
     """Workers also load the teacher and score the tokens they sampled; method fopd then measures
     the supervision drift of that stored signal (and trains on it with options.supervision=stored)."""
+    worker_gpus: float = 0.0
+    """GPUs Ray reserves for each rollout worker (0: none; with vllm.weight_sync=nccl each worker
+    needs a GPU of its own: 1)."""
     max_restarts: int = 2
     """Times each worker is replaced after its process dies before the run stops (0: stop at once)."""
 

@@ -56,8 +56,9 @@ def validate_train_config(cfg: TrainRunConfig, explicit: set[str]) -> None:
         if a.workers < 1 or a.buffer < 1 or a.worker_threads < 1 or (a.max_lag is not None and a.max_lag < 0):
             raise ConfigError("asynchronous.workers, buffer and worker_threads must be at least 1 and "
                               "max_lag >= 0 (or null)")
-        if a.max_restarts < 0:
-            raise ConfigError(f"asynchronous.max_restarts is {a.max_restarts}; it must be >= 0")
+        if a.max_restarts < 0 or a.worker_gpus < 0:
+            raise ConfigError("asynchronous.max_restarts and worker_gpus must be >= 0")
+    _check_nccl(cfg)
     if cfg.method.name == "fopd" and (cfg.rollout.top_p < 1 or cfg.rollout.top_k > 0 or cfg.rollout.temperature != 1.0):
         raise ConfigError("method fopd measures drift between the sampler's and the student's log-probs, which "
                           "rollout.temperature/top_p/top_k make differ even without lag; set them to 1/1/0")
@@ -68,6 +69,19 @@ def validate_train_config(cfg: TrainRunConfig, explicit: set[str]) -> None:
     if (cfg.rollout.top_p < 1 or cfg.rollout.top_k > 0 or cfg.rollout.temperature != 1.0) and obj != "sampled":
         warnings.warn(f"rollouts are not sampled from the student itself (temperature/top-p/top-k) and "
                       f"loss.objective={obj} has no importance ratio: the gradient is biased", stacklevel=2)
+
+
+def _check_nccl(cfg: Any) -> None:
+    """vllm.weight_sync=nccl: the learner and the Ray workers' vLLM engines, each on its own GPU
+    (the CUDA device itself is checked with the engine, opdcli.assembly.check_engine)."""
+    if cfg.vllm.weight_sync != "nccl":
+        return
+    if cfg.train.mode != "async" or cfg.rollout.engine != "vllm":
+        raise ConfigError("vllm.weight_sync=nccl broadcasts weights to the rollout workers' vLLM engines on other "
+                          "GPUs: set train.mode=async and rollout.engine=vllm, or vllm.weight_sync=inprocess")
+    if cfg.asynchronous.worker_gpus <= 0:
+        raise ConfigError("vllm.weight_sync=nccl needs every rollout worker on a GPU of its own: set "
+                          "asynchronous.worker_gpus=1")
 
 
 def validate_common(cfg: Any, explicit: set[str]) -> None:

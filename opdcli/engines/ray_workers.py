@@ -3,12 +3,14 @@ engine, rollout.engine=vllm) and samples the prompt batches it is handed with th
 it has been sent.
 
 Weights are published through the object store (`ray.put` of a CPU state dict, once per
-version); a worker loads them only when its version is older. `ray.init()` starts a local
+version); a worker loads them only when its version is older. With `vllm.weight_sync=nccl` they
+are broadcast GPU to GPU instead (opdcli.engines.nccl_weights). `ray.init()` starts a local
 cluster unless `run.ray_address` names one to join.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -71,6 +73,21 @@ class RolloutWorker:
         """True once the models are loaded (the actor's constructor has run)."""
         return True
 
+    # vllm.weight_sync=nccl (opdcli.engines.nccl_weights): the engine's side of the weight group
+    def device_uuid(self) -> str:
+        from opdcli.engines.nccl_weights import device_uuid
+
+        return device_uuid()
+
+    def join_weight_group(self, address: str, port: int, world_size: int, rank: int) -> None:
+        self.sampler.join_weight_group(address, port, world_size, rank)
+
+    def receive_weights(self, meta: dict[str, list], version: int) -> None:
+        self.sampler.receive_weights(meta, version)
+
+    def leave_weight_group(self) -> None:
+        self.sampler.leave_weight_group()
+
 
 class RayWorkerPool:
     """`n` RolloutWorker actors; the sampler interface the asynchronous loop uses.
@@ -83,20 +100,27 @@ class RayWorkerPool:
     supports_stop_rules = False
 
     def __init__(self, n: int, model: str, device: str, dtype: str, seed: int, threads: int,
-                 address: str | None = None, **load: Any) -> None:
+                 address: str | None = None, gpus: float = 0, nccl: bool = False, **load: Any) -> None:
         import ray
 
         self.ray = ray
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     num_cpus=None if address else max(n + 1, 2))
-        self._actor = ray.remote(num_cpus=1)(RolloutWorker)
+            with _without_learner_gpu(device if nccl and not address else None) as num_gpus:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         num_cpus=None if address else max(n + 1, 2), num_gpus=num_gpus)
+        self._actor = ray.remote(num_cpus=1, num_gpus=gpus)(RolloutWorker)
         self._args, self._load, self.seed = (model, device, dtype), dict(load, threads=threads), seed
         self.restarts = [0] * n
         self.workers = [self._start(i) for i in range(n)]
         self.versions = [-1] * n
         self.weights_ref: Any = None
         self.version = 0
+        self.group = None
+        if nccl:
+            from opdcli.engines.nccl_weights import WeightGroup
+
+            self.wait_ready()
+            self.group = WeightGroup(ray, self.workers)
 
     def _start(self, i: int) -> Any:
         seed = self.seed + 1000 * (i + 1) + 100_000 * self.restarts[i]
@@ -108,9 +132,14 @@ class RayWorkerPool:
         self.ray.get([w.ready.remote() for w in self.workers])
 
     def publish(self, state: dict[str, torch.Tensor], version: int) -> None:
-        """Put new weights in the object store (once); workers pick them up at their next batch."""
-        self.weights_ref = self.ray.put({k: v.detach().cpu() for k, v in state.items()})
+        """Put new weights in the object store (once); workers pick them up at their next batch.
+        With NCCL (`group`): broadcast them, each worker receiving after its current batch."""
         self.version = version
+        if self.group is not None:
+            self.group.push(state, version)
+            self.versions = [version] * len(self.workers)
+            return
+        self.weights_ref = self.ray.put({k: v.detach().cpu() for k, v in state.items()})
 
     def submit(self, i: int, prompt_texts_P: list[str], params: SamplingParams,
                control: GenerationControl | None) -> Any:
@@ -134,6 +163,10 @@ class RayWorkerPool:
         self.restarts[i] += 1
         self.workers[i] = self._start(i)
         self.versions[i] = -1
+        if self.group is not None:  # a new member: a new group, and the last weights again
+            self.ray.get(self.workers[i].ready.remote())
+            self.group.rebuild(self.workers, [j != i for j in range(len(self.workers))])
+            self.versions[i] = self.version
 
     def close(self) -> None:
         """Kill every actor and, when this process started the cluster, stop it."""
@@ -143,4 +176,36 @@ class RayWorkerPool:
             except Exception:  # noqa: BLE001 - a dead actor needs no killing
                 pass
         self.workers = []
+        if self.group is not None:
+            try:
+                self.group.wait()
+            finally:
+                self.group.close()
         self.ray.shutdown()
+
+
+@contextlib.contextmanager
+def _without_learner_gpu(device: str | None):
+    """While a local Ray cluster starts: CUDA_VISIBLE_DEVICES without the learner's GPU, so that no
+    worker lands on it (NCCL needs every rank on its own device); yields the GPUs left (None:
+    let Ray count them)."""
+    if device is None:
+        yield None
+        return
+    import os
+
+    from opdcli.models import resolve_device
+
+    dev = resolve_device(device)
+    learner = dev.index if dev.index is not None else torch.cuda.current_device()
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = before.split(",") if before else [str(i) for i in range(torch.cuda.device_count())]
+    rest = [d for j, d in enumerate(visible) if j != learner]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(rest)
+    try:
+        yield len(rest)
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before

@@ -7,7 +7,9 @@ folder (or hub id); after every optimizer step the learner's weights are pushed 
 policy. `vllm.weight_sync` picks how: `inprocess` hands the tensors to the model's own
 `load_weights` through `collective_rpc("reload_weights", weights_iterator=...)` (the engine core
 then runs in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0), `folder` saves them as
-safetensors and has the engine reload that folder (an engine in its own process). On CUDA the
+safetensors and has the engine reload that folder (an engine in its own process), `nccl`
+broadcasts them from the learner's GPU to the Ray workers' engines on theirs
+(opdcli.engines.nccl_weights). On CUDA the
 engine sleeps while the learner trains (`vllm.sleep`), giving its memory back.
 
 Rows come back as a `RolloutBatch` exactly like the hf engine's: prompts tokenised and
@@ -85,7 +87,7 @@ def sleep_enabled(vcfg: Any, device_type: str) -> bool:
 def build_llm(path: str, vcfg: Any, *, device_type: str, dtype: str, seed: int, max_model_len: int,
               max_logprobs: int = 1) -> Any:
     """A vLLM engine on `path` with the run's dtype, seed and memory settings."""
-    if vcfg.weight_sync == "inprocess":
+    if vcfg.weight_sync != "folder":
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
     if device_type == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(vcfg.kv_cache_space_gb))))
@@ -98,6 +100,8 @@ def build_llm(path: str, vcfg: Any, *, device_type: str, dtype: str, seed: int, 
     if device_type == "cuda":
         kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
         kwargs["enable_sleep_mode"] = sleep_enabled(vcfg, device_type)
+    if vcfg.weight_sync == "nccl":
+        kwargs["weight_transfer_config"] = {"backend": "nccl"}
     return vllm.LLM(**kwargs)
 
 
@@ -171,21 +175,36 @@ class VLLMSampler:
         self.version = version
 
     def _push(self, state: dict[str, torch.Tensor]) -> None:
-        tensors = [(k, v.detach().to("cpu") if self.vcfg.weight_sync == "folder" else v.detach())
-                   for k, v in state.items()]
         if self.vcfg.weight_sync == "folder":
             from safetensors.torch import save_file
 
-            seen, unique = set(), {}
-            for k, v in tensors:  # tied weights (embeddings = lm_head) once: the engine re-ties them
-                if v.data_ptr() not in seen:
-                    seen.add(v.data_ptr())
-                    unique[k] = v.contiguous()
+            from opdcli.engines.nccl_weights import unique_tensors
+
             with tempfile.TemporaryDirectory(prefix="opd-weights-") as tmp:
-                save_file(unique, str(Path(tmp) / "model.safetensors"))
+                save_file({k: v.to("cpu") for k, v in unique_tensors(state)}, str(Path(tmp) / "model.safetensors"))
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp})
-        else:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+        else:  # inprocess; nccl pushes arrive through receive_weights, this is a local update
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [(k, v.detach())
+                                                                                    for k, v in state.items()]})
+
+    # vllm.weight_sync=nccl: this engine's side of the learner's WeightGroup (opdcli.engines.nccl_weights)
+    def join_weight_group(self, address: str, port: int, world_size: int, rank: int) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": {"master_address": address, "master_port": port,
+                                                            "world_size": world_size, "rank_offset": rank,
+                                                            "packed": False}})
+
+    def receive_weights(self, meta: dict[str, list], version: int) -> None:
+        """Take the tensors the learner broadcasts next (names, dtypes, shapes in `meta`)."""
+        self.wake()
+        self.llm.start_weight_update()
+        self.llm.update_weights({"update_info": meta})
+        self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()
+        self.weight_pushes += 1
+        self.version = version
+
+    def leave_weight_group(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
 
     def sleep(self) -> None:
         """Give the engine's GPU memory back while the learner trains (vllm.sleep)."""

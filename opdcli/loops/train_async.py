@@ -66,7 +66,8 @@ def run_train_async(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | N
                          attn_implementation=m.attn_implementation,
                          teacher=m.teacher if a.worker_scoring else None, chunk_tokens=cfg.scoring.chunk_tokens,
                          score_batch=cfg.scoring.batch_size, engine=cfg.rollout.engine, vllm=cfg.vllm,
-                         max_model_len=engine_max_len(cfg))
+                         max_model_len=engine_max_len(cfg), gpus=a.worker_gpus,
+                         nccl=cfg.vllm.weight_sync == "nccl")
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops like Ctrl-C
     try:
         before = ctx.evaluate()
