@@ -31,11 +31,16 @@ def test_block_noise_is_the_multinomial_stream():
     noise = BlockNoise(g_ours, 6, 0, 11, torch.device("cpu"))
     for _ in range(3):
         ref = torch.multinomial(probs, 1, generator=g_ref).squeeze(-1)
-        assert torch.equal(noise.sample(probs), ref)
+        assert torch.equal(noise.sample(probs, torch.arange(6)), ref)
     # a process keeping rows 2..4 of the block draws the same tokens for those rows
     g_ref, g_part = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     part = BlockNoise(g_part, 6, 2, 11, torch.device("cpu"))
-    assert torch.equal(part.sample(probs[2:5]), torch.multinomial(probs, 1, generator=g_ref).squeeze(-1)[2:5])
+    whole = torch.multinomial(probs, 1, generator=g_ref).squeeze(-1)
+    assert torch.equal(part.sample(probs[2:5], torch.arange(3)), whole[2:5])
+    # rows that left the decode batch: the rows kept draw their own noise, not their neighbours'
+    g_again = torch.Generator().manual_seed(4)
+    assert torch.equal(BlockNoise(g_again, 6, 2, 11, torch.device("cpu")).sample(probs[[2, 4]], torch.tensor([0, 2])),
+                       whole[[2, 4]])
 
 
 def test_row_shards_sample_exactly_the_rows_of_the_whole_batch(student):
@@ -125,3 +130,34 @@ def test_single_process_commands_refuse_torchrun(monkeypatch):
     result = CliRunner().invoke(app, ["rollout", "--out", "x.jsonl"])
     assert result.exit_code == 2
     assert "opd rollout runs on one process; start it without torchrun" in result.output
+
+
+def test_finished_rows_leave_the_decode_batch_without_changing_any_row(student):
+    """Rows that end early leave the batch (and the KV cache); every row is still what decoding it
+    alone with its own noise gives: its tokens, its behaviour log-probs and its length."""
+    import copy
+
+    from opdcli.engines.hf_sampler import sample
+
+    model, tok = copy.deepcopy(student[0]), student[1]
+    eos = tok.eos_token_id
+    with torch.no_grad():  # make EOS likely, so that rows end at different steps
+        model.lm_head.weight[eos] = model.lm_head.weight.mean(0) + 0.3 * model.lm_head.weight.std(0)
+    texts = ["<|im_start|>user\nCompute 3+4.<|im_end|>\n", "Q: 1+2?", "abc"]
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, batch_size=12)
+    batch = sample(model, tok, texts, params, generator=torch.Generator().manual_seed(5))
+    lengths = batch.response_mask_B_T.sum(-1)
+    assert len(set(lengths.tolist())) > 2, "rows should end at different steps"
+    vocab = model.get_output_embeddings().weight.shape[0]
+    noise = torch.empty(batch.response_len, 12, vocab).exponential_(1, generator=torch.Generator().manual_seed(5))
+    P = batch.prompt_len
+    for b in range(12):
+        ids = batch.input_ids_B_L[b:b + 1, :P][batch.attention_mask_B_L[b:b + 1, :P] > 0][None]
+        for t in range(int(lengths[b])):  # the slow reference: a full forward per token, no cache
+            with torch.no_grad():
+                lsm = model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            tok_t = int((lsm.exp() / noise[t, b]).argmax())
+            assert tok_t == int(batch.response_ids_B_T[b, t])
+            assert abs(float(lsm[tok_t]) - float(batch.behavior_lp_B_T[b, t])) < 1e-4
+            ids = torch.cat([ids, torch.tensor([[tok_t]])], dim=1)
+        assert bool(batch.finished_B[b]) == (int(batch.response_ids_B_T[b, int(lengths[b]) - 1]) == eos)

@@ -72,10 +72,11 @@ class BlockNoise:
         q = torch.empty(self.rows, self.vocab, dtype=dtype, device=self.device)
         return q.exponential_(1, generator=self.generator)
 
-    def sample(self, probs_B_V: torch.Tensor) -> torch.Tensor:
-        """Categorical draw per row (the same stream as torch.multinomial(probs, 1))."""
-        q = self._draw(probs_B_V.dtype)[self.offset : self.offset + probs_B_V.shape[0]]
-        return (probs_B_V / q).argmax(-1)
+    def sample(self, probs_A_V: torch.Tensor, rows_A: torch.Tensor) -> torch.Tensor:
+        """Categorical draw per row (the same stream as torch.multinomial(probs, 1)); row a of
+        `probs_A_V` is row rows_A[a] of this process's part of the block."""
+        q = self._draw(probs_A_V.dtype)[self.offset + rows_A]
+        return (probs_A_V / q).argmax(-1)
 
     def advance_to(self, draws: int, dtype: torch.dtype = torch.float32) -> None:
         """Discard draws until `draws` steps of this block have been drawn."""
@@ -86,41 +87,54 @@ class BlockNoise:
 @torch.no_grad()
 def _sample_block(model, ids_B_P, am_B_P, params: SamplingParams, eos: torch.Tensor,
                   pad_id: int, noise: BlockNoise, stop: StopFactory | None):
-    B = ids_B_P.shape[0]
+    """Decode one block. Finished rows leave the decode batch (and the KV cache) at once; the
+    outputs are pre-allocated (B, max_new_tokens) tensors filled in place and cut to the
+    longest row."""
+    B, P = ids_B_P.shape
+    T = params.max_new_tokens
     device = ids_B_P.device
     stop_fn = stop(ids_B_P, am_B_P) if stop is not None else None
     out = model(input_ids=ids_B_P, attention_mask=am_B_P,
                 position_ids=(am_B_P.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-    past, logits_B_V = out.past_key_values, out.logits[:, -1]
-    am = am_B_P
-    active = torch.ones(B, dtype=torch.bool, device=device)
-    tokens, lps, masks = [], [], []
+    past, logits_A_V = out.past_key_values, out.logits[:, -1]
+    am_B_L = torch.cat([am_B_P, torch.zeros(B, T, dtype=am_B_P.dtype, device=device)], dim=1)
+    pos_B = am_B_P.sum(-1)  # the position of each row's next token
+    alive_A = torch.arange(B, device=device)  # the block's rows still decoding, in decode-batch order
+    tokens_B_T = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    lps_B_T = torch.zeros(B, T, device=device)
+    masks_B_T = torch.zeros(B, T, dtype=torch.bool, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for t in range(params.max_new_tokens):
+    width = 0
+    for t in range(T):
+        width = t + 1
         if params.temperature == 0:
-            tok_B = logits_B_V.argmax(-1)
-            lp_B = torch.zeros(B, device=device)
+            tok_A = logits_A_V.argmax(-1)
+            lp_A = torch.zeros(tok_A.shape[0], device=device)
         else:
-            lsm = process_logits(logits_B_V, params.temperature, params.top_p, params.top_k).log_softmax(-1)
-            tok_B = noise.sample(lsm.exp())
-            lp_B = lsm.gather(-1, tok_B[:, None]).squeeze(-1)
-        tok_B = torch.where(active, tok_B, torch.full_like(tok_B, pad_id))
-        tokens.append(tok_B)
-        lps.append(torch.where(active, lp_B, torch.zeros_like(lp_B)))
-        masks.append(active.clone())
-        hit_eos = active & torch.isin(tok_B, eos)
-        finished |= hit_eos
-        active = active & ~hit_eos
-        if stop_fn is not None:
-            active = active & ~stop_fn(t, tok_B, masks[-1], logits_B_V)
-        if not active.any() or t + 1 == params.max_new_tokens:
+            lsm = process_logits(logits_A_V, params.temperature, params.top_p, params.top_k).log_softmax(-1)
+            tok_A = noise.sample(lsm.exp(), alive_A)
+            lp_A = lsm.gather(-1, tok_A[:, None]).squeeze(-1)
+        tokens_B_T[alive_A, t] = tok_A
+        lps_B_T[alive_A, t] = lp_A
+        masks_B_T[alive_A, t] = True
+        hit_A = torch.isin(tok_A, eos)
+        finished[alive_A[hit_A]] = True
+        keep_A = ~hit_A
+        if stop_fn is not None:  # the rule sees the whole block (rows that left: pad, invalid)
+            logits_B_V = logits_A_V.new_zeros(B, logits_A_V.shape[-1]).index_copy_(0, alive_A, logits_A_V)
+            keep_A &= ~stop_fn(t, tokens_B_T[:, t], masks_B_T[:, t], logits_B_V)[alive_A]
+        if not keep_A.any() or t + 1 == T:
             break
-        am = torch.cat([am, active[:, None].to(am.dtype)], dim=1)
-        pos = (am.sum(-1, keepdim=True) - 1).clamp(min=0)
-        out = model(input_ids=tok_B[:, None], attention_mask=am, position_ids=pos,
-                    past_key_values=past, use_cache=True)
-        past, logits_B_V = out.past_key_values, out.logits[:, -1]
-    return torch.stack(tokens, 1), torch.stack(lps, 1), torch.stack(masks, 1), finished
+        if not keep_A.all():
+            sel_A = keep_A.nonzero().squeeze(-1)
+            past.batch_select_indices(sel_A)
+            alive_A, tok_A = alive_A[sel_A], tok_A[sel_A]
+        am_B_L[alive_A, P + t] = 1
+        out = model(input_ids=tok_A[:, None], attention_mask=am_B_L[alive_A, :P + t + 1],
+                    position_ids=pos_B[alive_A, None], past_key_values=past, use_cache=True)
+        pos_B[alive_A] += 1
+        past, logits_A_V = out.past_key_values, out.logits[:, -1]
+    return tokens_B_T[:, :width], lps_B_T[:, :width], masks_B_T[:, :width], finished
 
 
 def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
