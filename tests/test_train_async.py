@@ -174,3 +174,13 @@ def test_a_dead_worker_is_restarted_and_its_batch_resampled():
     finally:
         pool.close()
     _no_ray_left()
+
+
+def test_workers_asking_for_gpus_the_cluster_lacks_are_refused():
+    """Ray would keep such actors pending forever; the pool says why instead."""
+    from opdcli.engines.ray_workers import RayWorkerPool
+    from opdcli.errors import ConfigError
+
+    student = str(ROOT / "opdcli/toy/weights/student")
+    with pytest.raises(ConfigError, match=r"worker_gpus=1 asks Ray for 2 GPUs for 2 workers and the cluster has 0"):
+        RayWorkerPool(2, student, "cpu", "float32", 0, 1, gpus=1)

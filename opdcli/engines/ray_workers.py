@@ -108,6 +108,13 @@ class RayWorkerPool:
             with _without_learner_gpu(device if nccl and not address else None) as num_gpus:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
                          num_cpus=None if address else max(n + 1, 2), num_gpus=num_gpus)
+        have = ray.cluster_resources().get("GPU", 0)
+        if gpus and have < n * gpus:  # Ray would wait for them forever
+            from opdcli.errors import ConfigError
+
+            ray.shutdown()
+            raise ConfigError(f"asynchronous.worker_gpus={gpus} asks Ray for {n * gpus:g} GPUs for {n} workers and "
+                              f"the cluster has {have:g}; lower asynchronous.workers or worker_gpus, or add GPUs")
         self._actor = ray.remote(num_cpus=1, num_gpus=gpus)(RolloutWorker)
         self._args, self._load, self.seed = (model, device, dtype), dict(load, threads=threads), seed
         self.restarts = [0] * n
