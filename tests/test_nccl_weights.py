@@ -74,6 +74,8 @@ class FakeComm:
 @pytest.fixture
 def group(monkeypatch):
     monkeypatch.setattr(nccl_weights, "device_uuid", lambda: "learner-gpu")
+    ports = iter(range(29500, 29600))
+    monkeypatch.setattr(nccl_weights, "free_port", lambda: next(ports))
     monkeypatch.setattr(torch.cuda, "Stream", lambda: SimpleNamespace(wait_stream=lambda s: None,
                                                                        synchronize=lambda: None))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: None)
@@ -117,7 +119,9 @@ def test_a_replaced_worker_rebuilds_the_group_and_gets_the_last_weights(group):
     g.rebuild([workers[0], fresh], alive=[True, False])
     g.wait()
     assert ("leave0", ()) in log and not any(n == "leave1" for n, _ in log)
-    assert comms[0].destroyed and len(joins) == 2 and joins[1][0]["master_port"] != 0
+    assert comms[0].destroyed and len(joins) == 2
+    assert (joins[0][0]["master_port"], joins[1][0]["master_port"]) == (29500, 29501)  # a new rendezvous
+    assert [a[1] for n, a in log if n.startswith("join")][-2:] == [29501, 29501]  # both members join it
     assert fresh.received[0][1] == 3 and workers[0].received[-1][1] == 3
     assert len(comms[1].sent) == 3
 

@@ -46,7 +46,3 @@ def peak(device: torch.device, out: dict[str, float], key: str) -> Iterator[None
     yield
     out[key] = float(_status("VmHWM") - base)
 
-
-def process_peak_bytes() -> int:
-    """The process's peak resident set since it started or the last `peak` on CPU."""
-    return _status("VmHWM")

@@ -93,11 +93,12 @@ class TeacherEndpoint:
 
     @staticmethod
     def _served_name(served: list[dict], teacher: str) -> str:
+        from opdcli.errors import OpdError
         from opdcli.models import resolve_model_path
 
         try:
             local = resolve_model_path(teacher)
-        except Exception:  # a name only the server knows
+        except OpdError:  # a name only the server knows
             local = teacher
         for m in served:
             if teacher in (m.get("id"), m.get("root")) or local in (m.get("id"), m.get("root")):
