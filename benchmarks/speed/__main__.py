@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.setups.split(","):
             setup = toy_setup() if name == "toy" else large_setup(Path(tmp) / "large")
             bench = run(setup, Path(tmp) / f"run-{name}", args.reps, args.warmup, args.sets, args.vs_trl)
-            rows.append({"setup": name, "student_params": bench.params["student"], **bench.summary()})
+            rows.append({"setup": name, "student_params": bench.params["student"],
+                         "student_from_train": bench.params["student_from_train"], **bench.summary()})
             _print(rows[-1])
     with open(args.out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -146,12 +146,17 @@ def run(setup: Setup, out_dir: Path, reps: int, warmup: int, extra: list[str], v
             bench.times.setdefault(key, []).append(time.perf_counter() - t0)
         return result
 
+    # the parts do what the step does: with the student's scores from the training forward
+    # (scoring.student_scores), scoring runs the teacher only and training collects them
+    fused = stages.student_from_train(cfg, method)
+    bench.params["student_from_train"] = int(fused)
+
     def weigh(rollout, scored, i: int):
         rows, whole = stages.gather(rollout, scored, ALONE)
-        return stages.weigh(method, whole, rows, cfg.loss, i)
+        return stages.weigh(method, whole, rows, cfg.loss, i, fused)
 
     def train(rollout, scored, out, i: int):
-        stages.learn(parts.learner, parts.scorer, rollout, scored, out, cfg, i, ALONE)
+        stages.learn(parts.learner, parts.scorer, rollout, scored, out, cfg, i, ALONE, [] if fused else None)
         parts.sampler.sync_weights(parts.learner.full_weights(), i + 1)
 
     def full_step(i: int):
@@ -164,18 +169,18 @@ def run(setup: Setup, out_dir: Path, reps: int, warmup: int, extra: list[str], v
             bench.tokens.append(float(metrics.get("train/tokens_trained", 0.0)))
         control = method.generation_control(cfg.rollout.max_new_tokens, i)
         rollout = timed("sample", keep, stages.sample, parts.sampler, texts, params, ALONE, control)
-        scored = timed("score", keep, stages.score, parts.scorer, rollout, cfg.loss.objective)
+        scored = timed("score", keep, stages.score, parts.scorer, rollout, cfg.loss.objective, fused)
         out = timed("method", keep, weigh, rollout, scored, i)
         timed("train", keep, train, rollout, scored, out, i)
         if trl is not None:
             trl.run(1, keep)
     if trl is not None:
         bench.times["trl_step"] = trl.times
-    _memory(bench, parts, rollout, cfg, device)
+    _memory(bench, parts, rollout, cfg, device, fused)
     return bench
 
 
-def _memory(bench: Bench, parts, rollout, cfg, device) -> None:
+def _memory(bench: Bench, parts, rollout, cfg, device, fused: bool) -> None:
     """Peak memory of scoring vs the bare forwards it needs (both models' transformer bodies and
     the logits of one chunk), and of the training forward + backward."""
     from opdcli import stages
@@ -186,8 +191,8 @@ def _memory(bench: Bench, parts, rollout, cfg, device) -> None:
     student = parts.scorer.student
     teacher = parts.scorer.teacher
     with torch.no_grad(), peak(device, bench.memory, "bare_forwards"):
-        for m in (student, teacher):
+        for m in ((teacher,) if fused else (student, teacher)):
             body = unwrap(m).model
             body(input_ids=ids, attention_mask=am, position_ids=pos)
     with peak(device, bench.memory, "score"):
-        stages.score(parts.scorer, rollout, cfg.loss.objective)
+        stages.score(parts.scorer, rollout, cfg.loss.objective, fused)

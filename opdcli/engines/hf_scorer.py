@@ -50,16 +50,29 @@ class HFScorer:
         return self.teacher(hidden_B_T_H=hidden_B_C_H, compute=lambda h, head: head(h).float())
 
     @torch.no_grad()
-    def score(self, batch: RolloutBatch, *, keep_teacher_hidden: bool = False) -> ScoredBatch:
-        """Score the student's samples with student, teacher (and reference), no grad."""
+    def score(self, batch: RolloutBatch, *, keep_teacher_hidden: bool = False,
+              with_student: bool = True) -> ScoredBatch:
+        """Score the student's samples with student, teacher (and reference), no grad.
+
+        `with_student` false skips the student (its statistics then come from the training
+        forward, `opdcli.objective.StudentStats`): its fields hold NaN log-probs and -1 ids
+        until `fill_student` replaces them, and the teacher's log-probs on the student's top-K
+        are left for the training forward too.
+        """
         assert batch.version_B is not None, "the sampler stamps every row with its policy version"
         pieces: dict[str, list[torch.Tensor]] = {}
         for a in range(0, batch.batch_size, self.batch_size):
             sub = batch.rows(slice(a, a + self.batch_size))
-            s, _ = self._stats(self.student, sub, self.k)
-            t, h_t = self._stats(self.teacher, sub, self.k, s.topk_ids_B_T_K, keep_teacher_hidden)
-            got = {"s_lp": s.lp_B_T, "s_ids": s.topk_ids_B_T_K, "s_top": s.topk_lp_B_T_K, "t_lp": t.lp_B_T,
-                   "t_ids": t.topk_ids_B_T_K, "t_top": t.topk_lp_B_T_K, "t_on_s": t.cand_lp_B_T_K}
+            if with_student:
+                s, _ = self._stats(self.student, sub, self.k)
+                got = {"s_lp": s.lp_B_T, "s_ids": s.topk_ids_B_T_K, "s_top": s.topk_lp_B_T_K}
+            else:
+                got = _unscored(sub.response_ids_B_T, self.k)
+            t, h_t = self._stats(self.teacher, sub, self.k, got["s_ids"] if with_student else None,
+                                 keep_teacher_hidden)
+            got |= {"t_lp": t.lp_B_T, "t_ids": t.topk_ids_B_T_K, "t_top": t.topk_lp_B_T_K}
+            if t.cand_lp_B_T_K is not None:
+                got["t_on_s"] = t.cand_lp_B_T_K
             if h_t is not None:
                 got["t_h"] = h_t
             if self.reference is not None:
@@ -72,7 +85,7 @@ class HFScorer:
             response_ids_B_T=batch.response_ids_B_T, mask_B_T=mask, behavior_lp_B_T=batch.behavior_lp_B_T,
             student_lp_B_T=cat["s_lp"], teacher_lp_B_T=cat["t_lp"], student_topk_ids_B_T_K=cat["s_ids"],
             student_topk_lp_B_T_K=cat["s_top"], teacher_topk_ids_B_T_K=cat["t_ids"],
-            teacher_topk_lp_B_T_K=cat["t_top"], teacher_lp_on_student_topk_B_T_K=cat["t_on_s"],
+            teacher_topk_lp_B_T_K=cat["t_top"], teacher_lp_on_student_topk_B_T_K=cat.get("t_on_s"),
             version_B=batch.version_B.clone(), ref_lp_B_T=cat.get("r_lp"), teacher_hidden_B_T_H=cat.get("t_h"),
             stored_teacher_lp_B_T=batch.teacher_lp_B_T,
         )
@@ -83,6 +96,14 @@ class HFScorer:
         parts = [self._stats(self.teacher, batch.rows(slice(a, a + self.batch_size)), 1)[0].lp_B_T
                  for a in range(0, batch.batch_size, self.batch_size)]
         return torch.cat(parts, 0)
+
+
+def _unscored(ids_B_T: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Placeholders for student statistics still to come (NaN log-probs, -1 ids)."""
+    B, T = ids_B_T.shape
+    nan = torch.full((B, T), float("nan"), device=ids_B_T.device)
+    return {"s_lp": nan, "s_ids": torch.full((B, T, k), -1, dtype=torch.long, device=ids_B_T.device),
+            "s_top": nan[..., None].expand(B, T, k).clone()}
 
 
 def score_rollouts(student, teacher, batch: RolloutBatch, *, k: int, chunk_tokens: int, batch_size: int,

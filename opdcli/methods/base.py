@@ -49,6 +49,9 @@ class Method:
     Config: ClassVar[type] = object
     objectives: ClassVar[frozenset[str]] = frozenset(OBJECTIVES)
     """Base objectives this method composes with; others are refused at load time."""
+    reads_student_scores: ClassVar[bool] = True
+    """Whether `apply` reads the student's scores (log-probs, top-K); plain OPD does not, so its
+    student statistics can come from the training forward (scoring.student_scores)."""
 
     def __init__(self, cfg: Any, loss: LossConfig) -> None:
         self.cfg, self.loss = cfg, loss

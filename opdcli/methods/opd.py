@@ -25,6 +25,7 @@ class PlainOPD(Method):
     name = "opd"
     summary = "on-policy distillation: uniform token weights, any base objective"
     Config = OpdConfig
+    reads_student_scores = False
 
     def apply(self, scored: ScoredBatch, advantages_B_T: torch.Tensor, step: int) -> MethodOutput:
         return MethodOutput(weights_B_T=scored.mask_B_T.clone())
