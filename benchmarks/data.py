@@ -150,7 +150,12 @@ def load(spec: BenchSpec, options: dict[str, Any] | None = None, data_file: str 
     elif data_file:
         from opdcli.data import read_rows
 
-        rows = normalise(spec, read_rows(data_file, "test"))
+        try:
+            rows = normalise(spec, read_rows(data_file, "test"))
+        except DataError as exc:
+            if str(data_file) in str(exc):
+                raise
+            raise DataError(f"{data_file}: {exc}") from None
         raw_sha = hashlib.sha256(Path(data_file).expanduser().read_bytes()).hexdigest()
         source = {"file": str(Path(data_file).expanduser().resolve()), "file_sha256": raw_sha}
     else:

@@ -93,9 +93,7 @@ def train(
         loop = run_train_async if cfg.train.mode == "async" else run_train
         try:
             result = loop(cfg, explicit, argv=sys.argv)
-        except KeyboardInterrupt:
-            typer.echo(f"interrupted: workers stopped; the last checkpoint is in {cfg.run.out_dir}/checkpoints",
-                       err=True)
+        except KeyboardInterrupt:  # the loop has saved a checkpoint and said how to resume
             raise typer.Exit(code=130) from None
         _summary("opd train: held-out evaluation", result)
     except OpdError as exc:
@@ -110,7 +108,10 @@ def distill(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         from opdcli.loops.distill import run_distill
 
         cfg, explicit = _load(DistillRunConfig, config, "distill.yaml", list(set_ or []))
-        result = run_distill(cfg, explicit, argv=sys.argv)
+        try:
+            result = run_distill(cfg, explicit, argv=sys.argv)
+        except KeyboardInterrupt:  # the loop has saved a checkpoint and said how to resume
+            raise typer.Exit(code=130) from None
         _summary("opd distill: held-out evaluation", result)
     except OpdError as exc:
         _fail(exc)
@@ -170,6 +171,9 @@ def eval_(
     max_model_len: Annotated[int | None, typer.Option(help="vLLM context length (prompt + max tokens).")] = None,
     score_timeout: Annotated[float, typer.Option(help="Deadline per math check / code test, seconds.")] = 10.0,
     workers: Annotated[int, typer.Option(help="Scoring worker processes.")] = 2,
+    allow_unsafe_code: Annotated[bool, typer.Option(
+        "--allow-unsafe-code", help="Run code answers even without OS isolation (bubblewrap): hostile programs "
+        "can then escape. Recorded in results.json.")] = False,
 ) -> None:
     """Evaluate a model on a benchmark (AIME, AMC, HMMT, GPQA, LiveCodeBench, toy-arith)."""
     args = dict(locals(), argv=sys.argv)
@@ -254,6 +258,10 @@ def toy_build(
                 raise ConfigError(f"unknown toy model '{name}'; choose from {', '.join(TOY_SPECS)}")
         torch.set_num_threads(min(2, torch.get_num_threads()))
         root = out or TOY_WEIGHTS
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"--out '{root}' is a file; pass a folder (it is created if missing)")
+        if steps is not None and steps < 1:
+            raise ConfigError(f"--steps is {steps}; it must be at least 1")
         for name in names:
             start = time.perf_counter()
             metrics = build_toy_model(TOY_SPECS[name], root / name, distill=run_distill, seed=seed, steps=steps)

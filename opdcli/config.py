@@ -41,6 +41,10 @@ class RunConfig:
     """Checkpoint directory (run_dir/checkpoints/step_N) to resume from."""
     overwrite: bool = False
     """Allow writing into a run directory that already holds metrics.jsonl."""
+    allow_config_change: bool = False
+    """On resume, continue with a config that differs from the checkpoint's run (beyond how long
+    it runs and how it logs); the changes are recorded in config_changes.jsonl. Without it such a
+    resume is refused."""
     ray_address: str | None = None
     """train.mode=async: the Ray cluster to join (None starts a local one)."""
 
@@ -175,6 +179,13 @@ class ScoringConfig:
     """hf: transformers forwards; vllm: vLLM's prompt_logprobs, from an in-process engine or from
     the endpoint at vllm.teacher_url (the teacher's own tokens' log-probs and top-K; no logits, no
     log-probs on the student's top-K ids)."""
+    student_scores: Literal["auto", "train_forward", "scoring_forward"] = "auto"
+    """Take the student's per-token log-probs and top-K from the training forward instead of a
+    separate no-grad scoring forward on the same tokens (the same numbers, one student forward
+    fewer per step). Possible when the method reads no student score before training (plain
+    opd), train.mode=sync, scoring.teacher_engine=hf and loss.objective is not topk. auto: when
+    possible; train_forward: refused where not possible; scoring_forward: always score the
+    student separately."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +254,10 @@ class TrainConfig:
     """Append rollouts.jsonl records every N steps (0: never)."""
     rollouts_topk: int = 8
     """Top-K entries per token stored in rollouts.jsonl (<= scoring.top_k)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose teacher or student log-probs, loss or gradient norm is not finite: stop the
+    run with one line naming the source (the update is not applied; checkpoints stay), or skip
+    the step (no update; counted as train/skipped_steps)."""
     tensorboard: bool = False
     """Also log to tensorboard (needs the tensorboard package)."""
     mode: Literal["sync", "async"] = "sync"

@@ -161,8 +161,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{p}' is not valid YAML{where}: {problem}; fix the syntax") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file '{p}' is not UTF-8 text; pass a YAML file") from None
-    if data is None:
-        return {}
+    if data is None:  # an empty file (or only comments) is almost always the wrong path
+        raise ConfigError(f"config file '{p}' is empty; pass a config with at least one key, or leave out "
+                          "--config for the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold a mapping at the top level, got {type(data).__name__}")
     return data

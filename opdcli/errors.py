@@ -48,3 +48,7 @@ class BenchmarkNotFoundError(ConfigError, KeyError):
 
 class EngineError(OpdError, RuntimeError):
     """An inference engine or a model endpoint cannot be reached or answers with an error."""
+
+
+class NonFiniteError(OpdError, ArithmeticError):
+    """A training step met a non-finite teacher signal, loss or gradient (train.on_nonfinite=stop)."""

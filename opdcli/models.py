@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from opdcli.config import ModelConfig
 from opdcli.errors import ConfigError, ModelError
@@ -67,10 +68,19 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt",
+                   "spiece.model")
+"""Any one of these makes a folder's tokenizer loadable."""
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
+    local = Path(path)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"model folder '{name}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                         "save the tokenizer into it (tokenizer.save_pretrained) or copy them from the base model")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -96,6 +106,9 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model '{name}': {_first_line(exc)}") from None
+    except SafetensorError as exc:
+        raise ModelError(f"cannot load model '{name}': its weights file is damaged ({_first_line(exc)}); "
+                         "save or download the model again") from None
     model.to(device)
     model.train(trainable)
     model.requires_grad_(trainable)

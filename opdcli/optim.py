@@ -35,7 +35,8 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: OptimConfig,
                    step: int, max_steps: int) -> dict[str, float]:
-    """Set the lr, clip, step, zero grads; return optim/lr and optim/grad_norm."""
+    """Set the lr, clip, step, zero grads; return optim/lr and optim/grad_norm. A non-finite
+    gradient norm applies no update and adds optim/skipped = 1."""
     lr = lr_at(step, cfg, max_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -44,6 +45,9 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
     if isinstance(norm, DTensor):  # sharded parameters: the norm over every shard
         norm = norm.full_tensor()
+    if not torch.isfinite(norm):  # never apply a non-finite update (the step guard reports it)
+        optimizer.zero_grad(set_to_none=True)
+        return {"optim/lr": lr, "optim/grad_norm": float(norm), "optim/skipped": 1.0}
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"optim/lr": lr, "optim/grad_norm": float(norm)}

@@ -28,6 +28,7 @@ from opdcli.engines.types import (
     ScoredBatch,
     Scorer,
 )
+from opdcli.errors import ConfigError, NonFiniteError
 from opdcli.methods.base import Method, MethodOutput
 from opdcli.signals import masked_mean, sampled_advantage, topk_overlap
 
@@ -54,9 +55,41 @@ def sample(sampler: Sampler, prompt_texts_P: list[str], params: SamplingParams, 
                           shard=row_shard(d, len(prompt_texts_P) * params.n))
 
 
-def score(scorer: Scorer, rollout: RolloutBatch, objective: str) -> ScoredBatch:
-    """Scores of this rank's rows (teacher hidden states kept for full-distribution objectives)."""
+def student_from_train(cfg, method: Method) -> bool:
+    """Whether the step takes the student's scores from its training forward
+    (scoring.student_scores; `train_forward` where it cannot take effect is refused with the reason)."""
+    want = cfg.scoring.student_scores
+    if want == "scoring_forward":
+        return False
+    reason = None
+    if method.reads_student_scores:
+        reason = f"method {method.name} reads the student's scores before training"
+    elif cfg.loss.objective == "topk":
+        reason = "loss.objective=topk reads the student's top-K before training"
+    elif cfg.scoring.teacher_engine != "hf":
+        reason = f"scoring.teacher_engine={cfg.scoring.teacher_engine} keeps no teacher hidden states"
+    elif cfg.train.mode != "sync":
+        reason = "train.mode=async scores and trains different policy versions"
+    if reason is not None and want == "train_forward":
+        raise ConfigError(f"scoring.student_scores=train_forward cannot take effect: {reason}; "
+                          "use scoring.student_scores=auto or scoring_forward")
+    return reason is None
+
+
+def score(scorer: Scorer, rollout: RolloutBatch, objective: str, fused: bool = False) -> ScoredBatch:
+    """Scores of this rank's rows (teacher hidden states kept for full-distribution objectives).
+    `fused`: the student is left to the training forward (`student_from_train`)."""
+    if fused:
+        return scorer.score(rollout, keep_teacher_hidden=True, with_student=False)
     return scorer.score(rollout, keep_teacher_hidden=objective in FULL_DISTRIBUTION)
+
+
+def fill_student(whole: ScoredBatch, stats, d: Dist) -> ScoredBatch:
+    """The global batch with the student's scores of every rank's training forward."""
+    return dataclasses.replace(
+        whole, student_lp_B_T=d.gather_rows(stats.lp_B_T), student_topk_ids_B_T_K=d.gather_rows(stats.topk_ids_B_T_K),
+        student_topk_lp_B_T_K=d.gather_rows(stats.topk_lp_B_T_K),
+        teacher_lp_on_student_topk_B_T_K=d.gather_rows(stats.teacher_lp_on_topk_B_T_K))
 
 
 @dataclass(frozen=True)
@@ -88,10 +121,12 @@ def gather(rollout: RolloutBatch, scored: ScoredBatch, d: Dist) -> tuple[StepRow
     return rows, whole
 
 
-def weigh(method: Method, scored: ScoredBatch, rows: StepRows, loss: LossConfig, step: int) -> MethodOutput:
-    """The method's weights and advantages on the global batch (default: the sampled advantage)."""
-    advantages_B_T = sampled_advantage(scored.teacher_lp_B_T, scored.student_lp_B_T, scored.mask_B_T,
-                                       loss.kl_coef, loss.discount)
+def weigh(method: Method, scored: ScoredBatch, rows: StepRows, loss: LossConfig, step: int,
+          fused: bool = False) -> MethodOutput:
+    """The method's weights and advantages on the global batch (default: the sampled advantage;
+    `fused`: the student's scores are still to come, so the objective computes it)."""
+    advantages_B_T = None if fused else sampled_advantage(scored.teacher_lp_B_T, scored.student_lp_B_T,
+                                                          scored.mask_B_T, loss.kl_coef, loss.discount)
     out = method.apply(scored, advantages_B_T, step)
     if out.advantages_B_T is None:
         out.advantages_B_T = advantages_B_T
@@ -114,15 +149,17 @@ def local_rows(out: MethodOutput, d: Dist) -> MethodOutput:
 
 
 def learn(learner, scorer: Scorer, rollout: RolloutBatch, scored: ScoredBatch, mine: MethodOutput, cfg,
-          step: int, d: Dist) -> dict[str, float]:
-    """The only forward with grad over this rank's rows, then the optimizer step."""
+          step: int, d: Dist, collect: list | None = None) -> dict[str, float]:
+    """The only forward with grad over this rank's rows, then the optimizer step. `collect`
+    receives the student's scores of this rank's rows from that forward (one
+    `objective.StudentStats` per micro-batch; `student_from_train`)."""
     from opdcli.objective import objective_loss
 
     def micro_loss(sl: slice, normalizer: float):
         adv = None if mine.advantages_B_T is None else mine.advantages_B_T[sl]
         return objective_loss(learner.module, rollout.rows(sl), scored.rows(sl), mine.weights_B_T[sl], adv,
                               cfg.loss, normalizer, cfg.scoring.chunk_tokens, scorer.teacher_logits,
-                              drift_penalty=mine.drift_penalty)
+                              drift_penalty=mine.drift_penalty, collect=collect)
 
     trained = float(((mine.weights_B_T > 0) & (scored.mask_B_T > 0)).sum())
     metrics = train_on(rollout.batch_size, float(scored.mask_B_T.sum()), cfg.optim.grad_accum, micro_loss, d)
@@ -199,3 +236,44 @@ def batch_signals(scored: ScoredBatch, finished_B: torch.Tensor) -> dict[str, fl
         "rollout/finished_rate": float(finished_B.float().mean()),
         "rollout/tokens": float(m.sum()),
     }
+
+
+def bad_signal(scored: ScoredBatch, d: Dist, student: bool = True) -> str | None:
+    """What in this rank's scores is not finite on response tokens (teacher first), or None;
+    agreed over ranks, so that all stop or skip together. `student` false: the student's scores
+    are still to come (`student_from_train`)."""
+    m = scored.mask_B_T > 0
+    checks = [("teacher", scored.teacher_lp_B_T)] + ([("student", scored.student_lp_B_T)] if student else [])
+    found = None
+    for name, lp in checks:
+        bad = int((~torch.isfinite(lp) & m).sum())
+        if bad:
+            found = f"{name} log-probs ({bad} of {int(m.sum())} response tokens are inf or NaN)"
+            break
+    if d.active and d.max(int(found is not None)) and found is None:
+        found = "log-probs on another rank"
+    return found
+
+
+def bad_update(metrics: dict[str, float], scored: ScoredBatch) -> str | None:
+    """What made the optimizer step apply nothing (a non-finite loss or gradient norm), or None."""
+    if not metrics.get("optim/skipped"):
+        return None
+    m = scored.mask_B_T > 0
+    low = float(scored.teacher_lp_B_T[m].min()) if bool(m.any()) else 0.0
+    loss = metrics.get("loss/total", float("nan"))
+    what = "the loss" if not torch.isfinite(torch.tensor(loss)) else "the gradient norm"
+    return f"{what} (loss {loss:.4g}, gradient norm {metrics.get('optim/grad_norm')}, lowest teacher log-prob {low:.4g})"
+
+
+def guard(source: str | None, step: int, policy: str, metrics: dict[str, float]) -> bool:
+    """Apply train.on_nonfinite to a step with a non-finite `source`: raise (stop), or count the
+    step as skipped and return True. Returns False for a clean step."""
+    if source is None:
+        return False
+    if policy == "stop":
+        raise NonFiniteError(f"step {step + 1}: non-finite {source}; no update was applied and the checkpoints "
+                             "stay as they were. Check the teacher and optim.lr, or pass "
+                             "--set train.on_nonfinite=skip to skip such steps")
+    metrics["train/skipped"] = 1.0
+    return True

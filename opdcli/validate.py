@@ -92,6 +92,8 @@ def validate_common(cfg: Any, explicit: set[str]) -> None:
                        ("optim.grad_accum", cfg.optim.grad_accum)):
         if value < 1:
             raise ConfigError(f"{key} is {value}; it must be at least 1")
+    if hasattr(cfg, "optim"):  # the training commands
+        _check_optim_and_saving(cfg)
     if r.temperature < 0 or not 0 < r.top_p <= 1:
         raise ConfigError("rollout.temperature must be >= 0 and rollout.top_p in (0, 1]")
     if cfg.optim.grad_accum > r.prompts_per_step * r.samples_per_prompt:
@@ -112,6 +114,28 @@ def validate_common(cfg: Any, explicit: set[str]) -> None:
         raise ConfigError("vllm.gpu_memory_utilization must be in (0, 1], kv_cache_space_gb > 0, prompt_budget "
                           f">= 1 and max_model_len (when set) above rollout.max_new_tokens ({r.max_new_tokens})")
     _check_teacher_url(cfg, explicit)
+
+
+def _check_optim_and_saving(cfg: Any) -> None:
+    import math
+
+    o, t = cfg.optim, cfg.train
+    if not math.isfinite(o.lr) or o.lr < 0:
+        raise ConfigError(f"optim.lr is {o.lr}; it must be a finite number >= 0 (e.g. 1e-6 for a real model)")
+    if o.lr > 1.0:
+        warnings.warn(f"optim.lr is {o.lr}: far above any usual range (1e-7..1e-2); expect the student to "
+                      "diverge (the step guard stops the run on a non-finite update)", stacklevel=3)
+    for key, value in (("optim.weight_decay", o.weight_decay), ("optim.eps", o.eps), ("optim.grad_clip", o.grad_clip),
+                       ("optim.min_lr_ratio", o.min_lr_ratio)):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key} is {value}; it must be a finite number >= 0")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas is {list(o.betas)}; each must be in [0, 1)")
+    for key, value in (("optim.warmup_steps", o.warmup_steps), ("train.save_every", t.save_every),
+                       ("train.keep_checkpoints", t.keep_checkpoints), ("train.rollouts_every", t.rollouts_every),
+                       ("train.rollouts_topk", t.rollouts_topk)):
+        if value < 0:
+            raise ConfigError(f"{key} is {value}; it must be >= 0 (0 turns it off)")
 
 
 ENDPOINT_KEYS = frozenset({"vllm.teacher_url", "vllm.request_timeout_s", "vllm.request_retries",

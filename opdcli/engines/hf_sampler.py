@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from opdcli.engines.types import GenerationControl, RolloutBatch, RowShard, SamplingParams, StopRule
+from opdcli.errors import DataError
 
 StopFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(step t, token sampled at t (B), rows for which it is a real token (B), the student's raw
@@ -137,6 +138,23 @@ def _sample_block(model, ids_B_P, am_B_P, params: SamplingParams, eos: torch.Ten
     return tokens_B_T[:, :width], lps_B_T[:, :width], masks_B_T[:, :width], finished
 
 
+def check_context(model, prompt_texts: list[str], max_new_tokens: int, lengths_P: list[int] | None = None) -> None:
+    """Refuse, before any forward, a prompt whose tokens plus max_new_tokens exceed the model's
+    context (config.max_position_embeddings). Without `lengths_P` (token counts) only texts too
+    long to fit at any tokenisation (over 64 characters per position) are caught, so that a
+    huge prompt is refused before it is tokenised."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    for i, text in enumerate(prompt_texts):
+        n = len(text) // 64 if lengths_P is None else lengths_P[i]
+        if n + max_new_tokens > limit:
+            raise DataError(f"prompt {i} has {'over ' if lengths_P is None else ''}{n} tokens; with "
+                            f"rollout.max_new_tokens={max_new_tokens} that exceeds the model's context of {limit} "
+                            "positions (max_position_embeddings); shorten or filter the prompts, or lower "
+                            "rollout.max_new_tokens")
+
+
 def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
            generator: torch.Generator | None = None, stop: StopFactory | None = None,
            shard: RowShard | None = None) -> RolloutBatch:
@@ -146,8 +164,10 @@ def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
     [shard.start, shard.stop) of the n-fold expanded batch are decoded here.
     """
     device = next(model.parameters()).device
+    check_context(model, prompt_texts, params.max_new_tokens)
     enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False,
                     padding_side="left")
+    check_context(model, prompt_texts, params.max_new_tokens, enc["attention_mask"].sum(-1).tolist())
     ids_P_L = enc["input_ids"].to(device)
     am_P_L = enc["attention_mask"].to(device)
     index_all = [p for p in range(len(prompt_texts)) for _ in range(params.n)]

@@ -77,7 +77,7 @@ def run_train_async(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | N
         ctx.log_eval(ctx.state.step, after, "after")
         ctx.save(parts.learner, method, final=True)
     except KeyboardInterrupt:
-        ctx.save(parts.learner, method)  # a loadable checkpoint of the steps done
+        ctx.interrupted(parts.learner, method)  # a loadable checkpoint of the steps done
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -162,7 +162,11 @@ def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorke
                     rows, whole = stages.gather(rollout, scored, ALONE)
                     out = stages.weigh(method, whole, rows, cfg.loss, step_idx)
                 with timed(metrics, "train"):
-                    metrics |= stages.learn(parts.learner, parts.scorer, rollout, scored, out, cfg, step_idx, ALONE)
+                    # a non-finite signal stops the run, or (skip) the step trains on nothing
+                    if not stages.guard(stages.bad_signal(scored, ALONE), step_idx, cfg.train.on_nonfinite, metrics):
+                        metrics |= stages.learn(parts.learner, parts.scorer, rollout, scored, out, cfg, step_idx,
+                                                ALONE)
+                        stages.guard(stages.bad_update(metrics, scored), step_idx, cfg.train.on_nonfinite, metrics)
                     parts.sampler.sync_weights(None, step_idx + 1)
                     pool.publish(parts.learner.module.lm.state_dict(), step_idx + 1)
                 metrics |= stages.batch_signals(whole, rows.finished_B) | out.metrics

@@ -179,6 +179,56 @@ def _scan_tail(f: Any, size: int) -> int:
     return 0
 
 
+def repair_jsonl_tail(path: str | os.PathLike[str], what: str = "record") -> None:
+    """Make an append-only JSONL file end in a complete line before appending to it.
+
+    A last line without its newline that parses as a JSON object gets the newline; one cut off
+    mid-write (a killed writer) is truncated away; anything else raises RecordError. Each repair
+    emits one warning naming the file.
+    """
+    path = os.fspath(path)
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        cut = _scan_tail(f, size)
+        f.seek(cut)
+        tail = f.read(size - cut)
+        try:
+            complete = isinstance(json.loads(tail.decode("utf-8")), dict)
+        except (UnicodeDecodeError, ValueError):
+            complete = False
+        if complete:
+            f.seek(size)
+            f.write(b"\n")
+            warnings.warn(
+                f"{path}: last line had no trailing newline; added one before appending",
+                stacklevel=4,
+            )
+        elif is_truncation(tail):
+            f.truncate(cut)
+            warnings.warn(
+                f"{path}: removed a partial last line ({size - cut} bytes at byte "
+                f"offset {cut}; a {what} cut off by an interrupted write) before appending",
+                stacklevel=4,
+            )
+        else:
+            raise RecordError(
+                f"{path}: the last line ({size - cut} bytes at byte offset {cut}) is "
+                f"neither a {what} nor a {what} cut off mid-write; refusing to append to "
+                "what may not be such a file - check the path or move the file aside"
+            )
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class RolloutWriter:
     """Append rollout records to a rollouts.jsonl file, crash-safely.
 
@@ -213,46 +263,7 @@ class RolloutWriter:
     # -- setup ---------------------------------------------------------------------------------
 
     def _repair_tail(self) -> None:
-        try:
-            f = open(self.path, "r+b")
-        except FileNotFoundError:
-            return
-        with f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0:
-                return
-            f.seek(size - 1)
-            if f.read(1) == b"\n":
-                return
-            cut = _scan_tail(f, size)
-            f.seek(cut)
-            tail = f.read(size - cut)
-            try:
-                complete = isinstance(json.loads(tail.decode("utf-8")), dict)
-            except (UnicodeDecodeError, ValueError):
-                complete = False
-            if complete:
-                f.seek(size)
-                f.write(b"\n")
-                warnings.warn(
-                    f"{self.path}: last line had no trailing newline; added one before appending",
-                    stacklevel=3,
-                )
-            elif is_truncation(tail):
-                f.truncate(cut)
-                warnings.warn(
-                    f"{self.path}: removed a partial last line ({size - cut} bytes at byte "
-                    f"offset {cut}; a record cut off by an interrupted write) before appending",
-                    stacklevel=3,
-                )
-            else:
-                raise RecordError(
-                    f"{self.path}: the last line ({size - cut} bytes at byte offset {cut}) is "
-                    "neither a record nor a record cut off mid-write; refusing to append to "
-                    "what may not be a rollouts file - check the path or move the file aside"
-                )
-            f.flush()
-            os.fsync(f.fileno())
+        repair_jsonl_tail(self.path, "record")
 
     def _fsync_dir(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))

@@ -8,13 +8,16 @@ run_dir/checkpoints/latest names the newest one. Any step_<N> folder loads with
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from opdcli.errors import CheckpointError
 
@@ -43,7 +46,12 @@ class TrainState:
 
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict[str, Any], state: TrainState,
                     keep: int, final: bool = False, weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write checkpoints/step_N (main rank only).
+    """Write checkpoints/step_N (main rank only), never losing a complete checkpoint.
+
+    The new checkpoint is written in full under .tmp_step_N and only then moved into place; a
+    complete step_N of the same step is set aside first and deleted after the move, and
+    `latest` is replaced atomically. A failed write (disk full) removes the temporary folder
+    and raises CheckpointError naming the folder and the newest complete checkpoint.
 
     Args:
         model: a transformers model (its config and, unless `weights` is given, its weights).
@@ -51,50 +59,119 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict[str, 
         weights: a full state dict gathered from a sharded student, or None.
     """
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     out = root / f"step_{state.step}"
     tmp = root / f".tmp_step_{state.step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"state": state.state_dict(), "optimizer": optimizer_state,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "final": final}, tmp / STATE_FILE)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # a crash mid-save never leaves a half-written step_<N>
-    (root / "latest").write_text(out.name + "\n", encoding="utf-8")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"state": state.state_dict(), "optimizer": optimizer_state,
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                    "final": final}, tmp / STATE_FILE)
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = newest_complete(root)
+        raise CheckpointError(
+            f"cannot write checkpoint {out} ({_reason(exc)}); the newest complete checkpoint is "
+            f"{last if last is not None else 'none'}; free space on {root} and resume with "
+            f"--set run.resume={run_dir}") from None
+    old = root / f".old_step_{state.step}"
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)  # the complete copy stays on disk until the new one is in place
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    write_text_atomic(root / "latest", out.name + "\n")
     _prune(root, keep, protect=out)
     return out
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader sees the old or the new content, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint folder with its trainer state, weights and config."""
+    weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    return folder.is_dir() and (folder / STATE_FILE).is_file() and (folder / "config.json").is_file() and weights
+
+
+def newest_complete(root: Path) -> Path | None:
+    """The complete step_<N> folder under `root` with the largest N, or None."""
+    steps = [p for p in root.glob("step_*") if p.name[5:].isdigit() and is_complete(p)]
+    return max(steps, key=lambda p: int(p.name[5:]), default=None)
 
 
 def _prune(root: Path, keep: int, protect: Path) -> None:
     if keep <= 0:
         return
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name[5:]))
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
     for old in steps[:-keep]:
         if old != protect:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_resume(path: str) -> Path:
-    """Accept a step_<N> folder, a checkpoints/ folder or a run directory."""
+    """Accept a step_<N> folder, a checkpoints/ folder or a run directory.
+
+    A run's `latest` that is missing, empty or names an incomplete folder falls back, with a
+    warning, to the newest complete step_<N>."""
     p = Path(path).expanduser()
-    for candidate in (p, p / "checkpoints"):
-        latest = candidate / "latest"
-        if latest.is_file():
-            p = candidate / latest.read_text(encoding="utf-8").strip()
-            break
-    if not (p / STATE_FILE).is_file():
-        raise CheckpointError(
-            f"--resume '{path}' holds no checkpoint ({STATE_FILE} missing); pass a run directory "
-            "or a checkpoints/step_<N> folder written by opd train"
-        )
-    return p
+    if is_complete(p):
+        return p
+    for root in (p, p / "checkpoints"):
+        if not (root / "latest").exists() and not any(root.glob("step_*")):
+            continue
+        latest = root / "latest"
+        named = latest.read_text(encoding="utf-8").strip() if latest.is_file() else ""
+        if named and is_complete(root / named):
+            return root / named
+        fallback = newest_complete(root)
+        what = f"names {named}, which is missing or incomplete" if named else "is missing or empty"
+        if fallback is not None:
+            warnings.warn(f"{latest} {what}; resuming from the newest complete checkpoint {fallback}",
+                          stacklevel=2)
+            return fallback
+        raise CheckpointError(f"--resume '{path}': {latest} {what}, and no complete step_<N> folder is there; "
+                              "start a new run or pass a checkpoints/step_<N> folder written by opd train")
+    raise CheckpointError(
+        f"--resume '{path}' holds no checkpoint ({STATE_FILE} missing); pass a run directory "
+        "or a checkpoints/step_<N> folder written by opd train"
+    )
 
 
 def load_trainer_state(ckpt: Path, load_optimizer) -> TrainState:
     """Restore RNG states and return the trainer state; `load_optimizer(state)` takes the optimizer's."""
-    blob = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    try:
+        blob = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        if not isinstance(blob, dict) or not {"state", "optimizer", "torch_rng", "python_rng"} <= set(blob):
+            raise ValueError("not a trainer state written by opd train")
+    except Exception as exc:  # torch.load raises many kinds on a damaged file
+        raise CheckpointError(f"{ckpt / STATE_FILE} is damaged ({_reason(exc)}); resume from another "
+                              f"checkpoint of {ckpt.parent} (--set run.resume=<its step_N folder>)") from None
     load_optimizer(blob["optimizer"])
     torch.set_rng_state(blob["torch_rng"])
     random.setstate(blob["python_rng"])

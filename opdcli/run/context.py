@@ -9,6 +9,7 @@ part in held-out evaluation (a share of the problems each) and in the collective
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import time
@@ -26,7 +27,11 @@ from opdcli.errors import ConfigError
 from opdcli.records import RolloutWriter
 from opdcli.run.checkpoint import TrainState, load_trainer_state, resolve_resume, save_checkpoint
 from opdcli.run.progress import console
+from opdcli.run.rundir import check_resume_config, cut_to_step, lock_run_dir
 from opdcli.run.tracking import MetricsLogger, timed
+
+STALL_STEPS = 10
+"""Steps in a row without any change to the student before a warning."""
 
 
 @dataclass
@@ -56,6 +61,11 @@ class RunContext:
     state: TrainState
     generator: torch.Generator
     heldout: list[Any] | None
+    resumed: bool = False
+    lock: int | None = None
+    """The run directory's lock (rundir.lock_run_dir), held until close()."""
+    skipped_steps: int = 0
+    idle_steps: int = 0
 
     def evaluate(self) -> dict[str, float]:
         """Greedy held-out accuracy of the student (every rank decodes a share; empty without a set)."""
@@ -70,6 +80,7 @@ class RunContext:
     def periodic(self, step_idx: int, metrics: dict[str, float], learner: Any, method: Any) -> None:
         """After an optimizer step: bookkeeping, cadenced eval, logging and checkpoints."""
         self.state.step, self.state.prompt_position = step_idx + 1, self.source.position
+        self._watch_updates(metrics)
         every, done = self.cfg.eval.every, step_idx + 1
         if every and done % every == 0 and done < self.cfg.train.max_steps:
             with timed(metrics, "eval"):
@@ -79,9 +90,24 @@ class RunContext:
         if self.cfg.train.save_every and done % self.cfg.train.save_every == 0:
             self.save(learner, method)
 
+    def _watch_updates(self, metrics: dict[str, float]) -> None:
+        """Count skipped steps (train/skipped_steps) and warn once when STALL_STEPS steps in a row
+        changed nothing (skipped, zero gradient or zero learning rate)."""
+        skipped = bool(metrics.get("train/skipped") or metrics.get("optim/skipped"))
+        self.skipped_steps += skipped
+        metrics["train/skipped_steps"] = float(self.skipped_steps)
+        idle = skipped or metrics.get("optim/grad_norm", 1.0) == 0 or metrics.get("optim/lr", 1.0) == 0
+        self.idle_steps = self.idle_steps + 1 if idle else 0
+        if self.idle_steps == STALL_STEPS and self.d.is_main:
+            console.print(f"[yellow]warning:[/yellow] the student has not changed for {STALL_STEPS} steps "
+                          f"(step {self.state.step}: skipped, zero gradient or zero learning rate); check optim.lr, "
+                          "the teacher and the method's weights", highlight=False)
+
     def log_eval(self, step: int, values: dict[str, float], label: str) -> None:
         if not values or self.metrics is None:
             return
+        if label == "before" and self.resumed:
+            label = "resumed"  # the run's own eval_before rows are already in metrics.jsonl
         self.metrics.log(step, {k.replace("eval/", f"eval_{label}/", 1): v for k, v in values.items()})
         acc = next((v for k, v in values.items() if k.endswith("/accuracy")), None)
         if acc is not None:
@@ -97,11 +123,24 @@ class RunContext:
         return save_checkpoint(self.run_dir, self.eval_model, self.tokenizer, optimizer_state, self.state,
                                keep=self.cfg.train.keep_checkpoints, final=final, weights=weights)
 
+    def interrupted(self, learner: Any, method: Any) -> None:
+        """Ctrl-C / SIGTERM: checkpoint the steps done since the last save and say how to resume."""
+        root = self.run_dir / "checkpoints"
+        saved = (root / f"step_{self.state.step}").is_dir()
+        path = root / f"step_{self.state.step}" if saved or self.state.step == 0 else self.save(learner, method)
+        if self.d.is_main:
+            where = f"checkpoint {path}" if self.state.step else "no step finished, nothing to save"
+            console.print(f"interrupted at step {self.state.step}: {where}; resume with "
+                          f"--set run.resume={self.run_dir}", highlight=False)
+
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
         if self.rollouts is not None:
             self.rollouts.close()
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
 
 def resume_point(cfg: Any) -> Path | None:
@@ -116,38 +155,56 @@ def open_run(cfg: Any, argv: list[str], d: Dist, *, eval_model: Any, tokenizer: 
     caller has loaded its weights)."""
     run_dir = Path(cfg.run.out_dir).expanduser()
     state = TrainState()
-    if ckpt is not None:
-        state = load_trainer_state(ckpt, learner.load_optimizer_state)
-        source.skip_to(state.prompt_position)
-        if method is not None:
-            method.load_state_dict(state.method)
+    lock = lock_run_dir(run_dir) if d.is_main else None  # before anything in it changes
+    try:
+        if ckpt is not None:
+            if d.is_main:
+                check_resume_config(ckpt.parent.parent / "config.yaml", cfg, run_dir, _ckpt_step(ckpt))
+            state = load_trainer_state(ckpt, learner.load_optimizer_state)
+            source.skip_to(state.prompt_position)
+            if method is not None:
+                method.load_state_dict(state.method)
+            if d.is_main:
+                console.print(f"resuming from {ckpt} at step {state.step}")
+        elif (run_dir / "metrics.jsonl").exists() and not cfg.run.overwrite:
+            raise ConfigError(
+                f"run directory '{run_dir}' already holds a run; pick a new run.out_dir, "
+                "resume it with --set run.resume=<dir>, or pass --set run.overwrite=true"
+            )
+        d.barrier()  # every rank has checked the directory before the main rank changes it
+        metrics = rollouts = None
         if d.is_main:
-            console.print(f"resuming from {ckpt} at step {state.step}")
-    elif (run_dir / "metrics.jsonl").exists() and not cfg.run.overwrite:
-        raise ConfigError(
-            f"run directory '{run_dir}' already holds a run; pick a new run.out_dir, "
-            "resume it with --set run.resume=<dir>, or pass --set run.overwrite=true"
-        )
-    d.barrier()  # every rank has checked the directory before the main rank changes it
-    metrics = rollouts = None
-    if d.is_main:
-        if ckpt is None and (run_dir / "metrics.jsonl").exists():
-            for name in ("metrics.jsonl", "rollouts.jsonl"):
-                (run_dir / name).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        (run_dir / "command.txt").write_text(shlex.join(argv) + "\n", encoding="utf-8")
-        env = {"opd": __version__, "torch": torch.__version__, "python": platform.python_version(),
-               "device": str(device), "dtype": str(dtype), "world_size": d.world,
-               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
-        rollouts = RolloutWriter(run_dir / "rollouts.jsonl") if write_rollouts else None
-        metrics = MetricsLogger(run_dir, cfg.train.tensorboard)
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
-    if state.generator is not None:
-        generator.set_state(state.generator)
+            if ckpt is None and (run_dir / "metrics.jsonl").exists():
+                for name in ("metrics.jsonl", "rollouts.jsonl"):
+                    (run_dir / name).unlink(missing_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if ckpt is not None:
+                cut = cut_to_step(run_dir, state.step)
+                if any(cut):
+                    console.print(f"resume: moved {cut[0]} metrics rows and {cut[1]} rollout records written after "
+                                  f"step {state.step} to metrics.cut.jsonl / rollouts.cut.jsonl")
+            dump_config(cfg, run_dir / "config.yaml")
+            (run_dir / "command.txt").write_text(shlex.join(argv) + "\n", encoding="utf-8")
+            env = {"opd": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                   "device": str(device), "dtype": str(dtype), "world_size": d.world,
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
+            rollouts = RolloutWriter(run_dir / "rollouts.jsonl") if write_rollouts else None
+            metrics = MetricsLogger(run_dir, cfg.train.tensorboard)
+        generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
+        if state.generator is not None:
+            generator.set_state(state.generator)
+    except BaseException:
+        if lock is not None:
+            os.close(lock)  # nothing written under the lock is left half-done; let the next run in
+        raise
     return RunContext(run_dir, uuid.uuid4().hex[:12], cfg, d, eval_model, tokenizer, source, metrics,
-                      rollouts, state, generator, heldout)
+                      rollouts, state, generator, heldout, resumed=ckpt is not None, lock=lock)
+
+
+def _ckpt_step(ckpt: Path) -> int:
+    name = ckpt.name
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else -1
 
 
 def setup_process(run: Any) -> None:

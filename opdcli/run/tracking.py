@@ -14,6 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from opdcli.errors import ConfigError
+from opdcli.records.io import repair_jsonl_tail
+
 
 @contextmanager
 def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
@@ -30,6 +33,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
         self.path = run_dir / "metrics.jsonl"
+        repair_jsonl_tail(self.path, "metrics row")  # a killed run's half-written last row
         self._fh = self.path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
@@ -60,4 +64,27 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of a metrics.jsonl. A last line cut off mid-write (a killed run) is left out with a
+    warning; any other malformed line raises ConfigError naming the file and the line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          "pass the metrics.jsonl that opd train wrote") from None
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) and not text.endswith("\n"):
+                warnings.warn(f"{path}: left out a partial last line (a row cut off mid-write)", stacklevel=2)
+                continue
+            raise ConfigError(f"{path}:{i} is not a JSON object; the file is damaged: move the line aside "
+                              "or pass the metrics.jsonl that opd train wrote") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{i} is not a JSON object; pass the metrics.jsonl that opd train wrote")
+        rows.append(row)
+    return rows
