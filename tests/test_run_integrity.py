@@ -364,3 +364,16 @@ def test_a_prompt_beyond_the_context_is_refused_before_sampling(tmp_path, chars)
                                         r"the model's context of 1024"):
         _train(tmp_path / "run", f"data.source={data}", "train.max_steps=1", "eval.enabled=false")
     assert time.perf_counter() - start < 60
+
+
+def test_a_huge_learning_rate_is_never_silent(tmp_path, capsys):
+    """lr 1e3: a warning at config time, then either a collapse warning or a stop on a
+    non-finite update; never a quiet exit 0 with a broken student."""
+    with pytest.warns(UserWarning, match="far above any usual range"):
+        try:
+            _train(tmp_path / "run", "optim.lr=1000", "optim.warmup_steps=0", "train.max_steps=6",
+                   "eval.enabled=false")
+        except NonFiniteError:
+            return
+    got = capsys.readouterr()
+    assert "training has likely diverged" in " ".join((got.out + got.err).split())

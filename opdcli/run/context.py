@@ -66,6 +66,7 @@ class RunContext:
     """The run directory's lock (rundir.lock_run_dir), held until close()."""
     skipped_steps: int = 0
     idle_steps: int = 0
+    collapse_warned: bool = False
 
     def evaluate(self) -> dict[str, float]:
         """Greedy held-out accuracy of the student (every rank decodes a share; empty without a set)."""
@@ -98,10 +99,29 @@ class RunContext:
         metrics["train/skipped_steps"] = float(self.skipped_steps)
         idle = skipped or metrics.get("optim/grad_norm", 1.0) == 0 or metrics.get("optim/lr", 1.0) == 0
         self.idle_steps = self.idle_steps + 1 if idle else 0
+        self._watch_collapse(metrics)
         if self.idle_steps == STALL_STEPS and self.d.is_main:
             console.print(f"[yellow]warning:[/yellow] the student has not changed for {STALL_STEPS} steps "
                           f"(step {self.state.step}: skipped, zero gradient or zero learning rate); check optim.lr, "
                           "the teacher and the method's weights", highlight=False)
+
+    def _watch_collapse(self, metrics: dict[str, float]) -> None:
+        """Warn once when the student's own samples look uniform over its vocabulary (mean
+        sampled log-prob within 10% of -log V): a diverged update, usually a learning rate far
+        too high, that stays finite."""
+        import math
+
+        lp = metrics.get("signal/student_lp")
+        vocab = getattr(getattr(self.eval_model, "config", None), "vocab_size", None)
+        if self.collapse_warned or lp is None or not isinstance(vocab, int) or vocab < 2 or not math.isfinite(lp):
+            return
+        if lp <= -0.9 * math.log(vocab):
+            self.collapse_warned = True
+            if self.d.is_main:
+                console.print(f"[yellow]warning:[/yellow] at step {self.state.step} the student's samples have a mean "
+                              f"log-prob of {lp:.2f}, close to a uniform distribution over its {vocab} tokens "
+                              f"({-math.log(vocab):.2f}): training has likely diverged; lower optim.lr "
+                              f"(now {metrics.get('optim/lr')})", highlight=False)
 
     def log_eval(self, step: int, values: dict[str, float], label: str) -> None:
         if not values or self.metrics is None:
