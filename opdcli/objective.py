@@ -43,10 +43,12 @@ class StudentStats:
         return StudentStats(*(torch.cat([getattr(p, f.name) for p in parts], 0) for f in fields(StudentStats)))
 
 
-def chunk_student_stats(zs_B_C_V: torch.Tensor, zt_B_C_V: torch.Tensor, ids_B_C: torch.Tensor, k: int):
-    """(lp of the sampled ids, top-k ids, top-k lp, teacher lp on those ids) of one chunk, no grad."""
+def chunk_student_stats(zs_B_C_V: torch.Tensor, zt_B_C_V: torch.Tensor, ids_B_C: torch.Tensor, k: int,
+                        lsm_B_C_V: torch.Tensor | None = None):
+    """(lp of the sampled ids, top-k ids, top-k lp, teacher lp on those ids) of one chunk, no grad
+    (`lsm_B_C_V`: the student's log-softmax when the caller has it already)."""
     with torch.no_grad():
-        lsm = zs_B_C_V.detach().float().log_softmax(-1)
+        lsm = zs_B_C_V.detach().float().log_softmax(-1) if lsm_B_C_V is None else lsm_B_C_V.detach()
         top = lsm.topk(k, dim=-1)
         t_on = zt_B_C_V.float().log_softmax(-1).gather(-1, top.indices)
         return lsm.gather(-1, ids_B_C[..., None]).squeeze(-1), top.indices, top.values, t_on
@@ -148,8 +150,9 @@ def objective_loss(student, batch: RolloutBatch, scored: ScoredBatch, weights_B_
         def chunk(zs, sl):
             with torch.no_grad():
                 zt = teacher_logits(scored.teacher_hidden_B_T_H[:, sl])
-            lp = zs.log_softmax(-1).gather(-1, ids_B_T[:, sl, None]).squeeze(-1)
-            return lp, chunk_student_stats(zs, zt, ids_B_T[:, sl], k)
+            lsm = zs.log_softmax(-1)
+            lp = lsm.gather(-1, ids_B_T[:, sl, None]).squeeze(-1)
+            return lp, chunk_student_stats(zs, zt, ids_B_T[:, sl], k, lsm)
 
         outs = map_chunks(hidden_B_T_H, head, chunk, chunk_tokens)
         collect.append(_cat_chunks([c for _, c in outs], ids_B_T.shape[0], k, hidden_B_T_H))
