@@ -152,3 +152,16 @@ def test_list_methods():
 def test_help_everywhere(args):
     result, _ = _invoke(args)
     assert result.exit_code == 0
+
+
+def test_distill_gold_runs_with_the_shipped_config(tmp_path):
+    """The shipped distill.yaml sets rollout.samples_per_prompt: 1 (its default); gold traces
+    sample nothing, but a key at its default is no flag that fails to take effect."""
+    result, text = _invoke(["distill", "--set", "distill.traces=gold", "--set", "train.max_steps=1",
+                            "--set", "eval.enabled=false", "--set", "rollout.prompts_per_step=4",
+                            "--set", f"run.out_dir={tmp_path / 'gold'}"])
+    assert result.exit_code == 0, text[-2000:]
+    assert (tmp_path / "gold" / "checkpoints" / "step_1" / "model.safetensors").is_file()
+    line = _expect_user_error(["distill", "--set", "distill.traces=gold", "--set", "rollout.samples_per_prompt=4",
+                               "--set", f"run.out_dir={tmp_path / 'gold2'}"], "samples nothing")
+    assert "rollout.samples_per_prompt" in line

@@ -18,7 +18,7 @@ import torch
 
 from opdcli import dist, losses, stages
 from opdcli.assembly import check_engine, vllm_sampler
-from opdcli.config import DistillRunConfig
+from opdcli.config import DistillRunConfig, RolloutConfig
 from opdcli.data import Prompt, PromptSource, heldout_prompts, render
 from opdcli.dist import Dist
 from opdcli.engines.hf_sampler import HFSampler
@@ -113,10 +113,14 @@ def _load(cfg: DistillRunConfig, device: str) -> LoadedPair:
 def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | None = None) -> RunResult:
     validate_common(cfg, explicit)
     if cfg.distill.traces == "gold":
-        for key in ("rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.samples_per_prompt",
-                    "rollout.engine"):
-            if key in explicit:
-                raise ConfigError(f"{key} cannot take effect: distill.traces=gold samples nothing; remove it")
+        # one gold trace per prompt: samples_per_prompt 1 (as the shipped distill.yaml sets) and
+        # the sampling defaults change nothing; any other value would be silently ignored
+        neutral = {name: getattr(RolloutConfig(), name) for name in ("temperature", "top_p", "top_k", "engine")}
+        neutral["samples_per_prompt"] = 1
+        for name, value in neutral.items():
+            if f"rollout.{name}" in explicit and getattr(cfg.rollout, name) != value:
+                raise ConfigError(f"rollout.{name} cannot take effect: distill.traces=gold samples nothing; "
+                                  "remove it")
         if "model.teacher" in explicit and cfg.distill.mode == "sft":
             warnings.warn("model.teacher is not loaded: distill.traces=gold with mode=sft needs no "
                           "teacher", stacklevel=2)
