@@ -90,6 +90,14 @@ def train(
 
         overrides = list(set_ or []) + ([f"method.name={method}"] if method else [])
         cfg, explicit = _load(TrainRunConfig, config, "opd.yaml", overrides)
+        from opdcli.config_io import flatten_keys, parse_overrides
+        from opdcli.validate import method_objective
+
+        # keys the user chose: the command line's, and a config file's when they passed one
+        user_keys = flatten_keys(parse_overrides(overrides)) | (explicit if config is not None else set())
+        cfg, note = method_objective(cfg, user_keys)
+        if note:
+            typer.echo(note, err=True)
         loop = run_train_async if cfg.train.mode == "async" else run_train
         try:
             result = loop(cfg, explicit, argv=sys.argv)

@@ -170,3 +170,20 @@ def check_sampler(sampler: Any, method: Any) -> None:
         fix = {"vllm": "rollout.engine=hf or ", "ray": "train.mode=sync or "}.get(sampler.name, "")
         raise ConfigError(f"method '{method.name}' stops rows during sampling (online truncation), which the "
                           f"{sampler.name} rollout engine cannot do; set {fix}method.options.online=false")
+
+
+def method_objective(cfg: TrainRunConfig, user_keys: set[str]) -> tuple[TrainRunConfig, str | None]:
+    """The method's own base objective when the user did not choose loss.objective (it came from
+    the shipped default config or the defaults) and the configured one is not the method's:
+    returns the config to run and a line saying what was applied (None: unchanged)."""
+    import dataclasses
+
+    from opdcli.methods.base import method_class
+
+    cls = method_class(cfg.method.name)
+    want = cls.default_objective
+    if want is None or cfg.loss.objective == want or "loss.objective" in user_keys:
+        return cfg, None
+    note = (f"method {cfg.method.name} uses loss.objective={want} (its paper's objective; the default "
+            f"config's {cfg.loss.objective} does not apply to it; recorded in config.yaml)")
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, objective=want)), note

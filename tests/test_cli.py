@@ -165,3 +165,22 @@ def test_distill_gold_runs_with_the_shipped_config(tmp_path):
     line = _expect_user_error(["distill", "--set", "distill.traces=gold", "--set", "rollout.samples_per_prompt=4",
                                "--set", f"run.out_dir={tmp_path / 'gold2'}"], "samples nothing")
     assert "rollout.samples_per_prompt" in line
+
+
+@pytest.mark.parametrize("name", ["opd", "prune", "release", "gopd", "exopd", "topd", "prefix", "fopd"])
+def test_every_method_runs_as_opd_train_method_name_on_the_toy_defaults(name, tmp_path):
+    from opdcli.methods import METHODS
+
+    assert name in METHODS
+    result, text = _invoke(["train", "--method", name, "--set", "train.max_steps=1", "--set", "eval.enabled=false",
+                            "--set", "rollout.prompts_per_step=2", "--set", f"run.out_dir={tmp_path / name}"])
+    assert result.exit_code == 0, text[-2000:]
+    if METHODS[name].default_objective:
+        assert f"uses loss.objective={METHODS[name].default_objective}" in text
+        assert f"objective: {METHODS[name].default_objective}" in (tmp_path / name / "config.yaml").read_text()
+
+
+def test_a_methods_incompatible_objective_chosen_by_the_user_names_the_fix(tmp_path):
+    line = _expect_user_error(["train", "--method", "exopd", "--set", "loss.objective=rkl", "--set",
+                               f"run.out_dir={tmp_path}"], "cannot be combined with loss.objective=rkl")
+    assert "--set loss.objective=sampled" in line

@@ -49,6 +49,9 @@ class Method:
     Config: ClassVar[type] = object
     objectives: ClassVar[frozenset[str]] = frozenset(OBJECTIVES)
     """Base objectives this method composes with; others are refused at load time."""
+    default_objective: ClassVar[str | None] = None
+    """The base objective the method's paper uses, applied when the user did not choose one
+    (`validate.method_objective`); None: the config's objective."""
     reads_student_scores: ClassVar[bool] = True
     """Whether `apply` reads the student's scores (log-probs, top-K); plain OPD does not, so its
     student statistics can come from the training forward (scoring.student_scores)."""
@@ -135,6 +138,7 @@ def build_method(name: str, options: dict[str, Any], loss: LossConfig) -> Method
     if loss.objective not in cls.objectives:
         raise ConfigError(
             f"method '{name}' cannot be combined with loss.objective={loss.objective}: "
-            f"it needs one of {', '.join(sorted(cls.objectives))}"
+            f"it needs one of {', '.join(sorted(cls.objectives))}; use --set loss.objective="
+            f"{cls.default_objective or sorted(cls.objectives)[0]}"
         )
     return cls(cfg, loss)

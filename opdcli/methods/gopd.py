@@ -54,6 +54,7 @@ class GOPD(Method):
     summary = "G-OPD: reward scale lambda and a reference model (lambda > 1 extrapolates)"
     Config = GopdConfig
     objectives = frozenset({"sampled"})
+    default_objective = "sampled"
 
     def __init__(self, cfg: GopdConfig, loss) -> None:
         super().__init__(cfg, loss)

@@ -148,6 +148,7 @@ def _check_config(cfg: TopdConfig, loss) -> None:
 @register
 class TOPD(Method):
     name = "topd"
+    default_objective = "sampled"  # the default backward spread rewrites the sampled-token advantage
     summary = "TOPD: suppress non-divergent high-loss tokens; spread guidance over the near future"
     Config = TopdConfig
 
