@@ -12,6 +12,7 @@ the token count over all ranks.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -262,7 +263,7 @@ def bad_update(metrics: dict[str, float], scored: ScoredBatch) -> str | None:
     m = scored.mask_B_T > 0
     low = float(scored.teacher_lp_B_T[m].min()) if bool(m.any()) else 0.0
     loss = metrics.get("loss/total", float("nan"))
-    what = "the loss" if not torch.isfinite(torch.tensor(loss)) else "the gradient norm"
+    what = "the loss" if not math.isfinite(loss) else "the gradient norm"
     return f"{what} (loss {loss:.4g}, gradient norm {metrics.get('optim/grad_norm')}, lowest teacher log-prob {low:.4g})"
 
 

@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,6 @@ def detect() -> Isolation:
         return Isolation("none", reason="bubblewrap (bwrap) is not installed")
     probe = Path(os.environ.get("TMPDIR", "/tmp"))
     try:
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="opd-bwrap-probe-", dir=probe) as tmp:
             cmd = bwrap_command(bwrap, Path(tmp), [sys.executable, "-I", "-c",
                                                    "import os; print(os.getuid(), os.getpid())"],

@@ -178,9 +178,9 @@ def open_run(cfg: Any, argv: list[str], d: Dist, *, eval_model: Any, tokenizer: 
     lock = lock_run_dir(run_dir) if d.is_main else None  # before anything in it changes
     try:
         if ckpt is not None:
-            if d.is_main:
-                check_resume_config(ckpt.parent.parent / "config.yaml", cfg, run_dir, _ckpt_step(ckpt))
             state = load_trainer_state(ckpt, learner.load_optimizer_state)
+            if d.is_main:
+                check_resume_config(ckpt.parent.parent / "config.yaml", cfg, run_dir, state.step)
             source.skip_to(state.prompt_position)
             if method is not None:
                 method.load_state_dict(state.method)
@@ -221,10 +221,6 @@ def open_run(cfg: Any, argv: list[str], d: Dist, *, eval_model: Any, tokenizer: 
     return RunContext(run_dir, uuid.uuid4().hex[:12], cfg, d, eval_model, tokenizer, source, metrics,
                       rollouts, state, generator, heldout, resumed=ckpt is not None, lock=lock)
 
-
-def _ckpt_step(ckpt: Path) -> int:
-    name = ckpt.name
-    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else -1
 
 
 def setup_process(run: Any) -> None:
