@@ -104,6 +104,8 @@ class StepRows:
     response_mask_B_T: torch.Tensor
     stopped_B: torch.Tensor | None
     follower_tokens: float
+    follower_reused: float = 0.0
+    """Response tokens whose teacher scores came from the follower's hidden states (not re-run)."""
 
 
 def gather(rollout: RolloutBatch, scored: ScoredBatch, d: Dist) -> tuple[StepRows, ScoredBatch]:
@@ -118,7 +120,8 @@ def gather(rollout: RolloutBatch, scored: ScoredBatch, d: Dist) -> tuple[StepRow
         prompt_texts_P=rollout.prompt_texts_P, finished_B=d.gather_rows(rollout.finished_B),
         response_ids_B_T=whole.response_ids_B_T, response_mask_B_T=d.gather_rows(rollout.response_mask_B_T),
         stopped_B=None if rollout.stopped_B is None else d.gather_rows(rollout.stopped_B),
-        follower_tokens=d.sum(float(rollout.follower_tokens)))
+        follower_tokens=d.sum(float(rollout.follower_tokens)),
+        follower_reused=d.sum(float(rollout.response_mask_B_T.sum()) if rollout.teacher_hidden_B_T_H is not None else 0.0))
     return rows, whole
 
 
@@ -136,6 +139,7 @@ def weigh(method: Method, scored: ScoredBatch, rows: StepRows, loss: LossConfig,
         p = f"method/{method.name}/"
         out.metrics[p + "online_stopped_frac"] = float(rows.stopped_B.float().mean()) if rows.stopped_B.numel() else 0.0
         out.metrics[p + "online_teacher_tokens"] = rows.follower_tokens
+        out.metrics[p + "online_reused_tokens"] = rows.follower_reused
     return out
 
 

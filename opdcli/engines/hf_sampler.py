@@ -20,15 +20,28 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from opdcli.engines.types import GenerationControl, RolloutBatch, RowShard, SamplingParams, StopRule
 from opdcli.errors import DataError
+from opdcli.lm import unwrap
 
-StopFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(step t, token sampled at t (B), rows for which it is a real token (B), the student's raw
-logits that sampled it (B x V)) -> rows to stop after this token (bool B)."""
+
+class StopFn(Protocol):
+    """Called once per decode step of a block, then `finish`ed when the block ends."""
+
+    def __call__(self, t: int, tok_B: torch.Tensor, valid_B: torch.Tensor, logits_B_V: torch.Tensor) -> torch.Tensor:
+        """(step t, token sampled at t, rows for which it is a real token, the student's raw
+        logits that sampled it (B x V)) -> rows to stop after this token (bool B)."""
+        ...
+
+    def finish(self, width: int) -> torch.Tensor:
+        """The teacher's hidden states before the block's first `width` response tokens (B, width, H)."""
+        ...
+
+
 StopFactory = Callable[[torch.Tensor, torch.Tensor], StopFn]
 """(prompt ids B x P, prompt attention mask B x P) of one generation block -> its StopFn."""
 
@@ -135,7 +148,8 @@ def _sample_block(model, ids_B_P, am_B_P, params: SamplingParams, eos: torch.Ten
                     position_ids=pos_B[alive_A, None], past_key_values=past, use_cache=True)
         pos_B[alive_A] += 1
         past, logits_A_V = out.past_key_values, out.logits[:, -1]
-    return tokens_B_T[:, :width], lps_B_T[:, :width], masks_B_T[:, :width], finished
+    hidden = stop_fn.finish(width) if stop_fn is not None else None
+    return tokens_B_T[:, :width], lps_B_T[:, :width], masks_B_T[:, :width], finished, hidden
 
 
 def check_context(model, prompt_texts: list[str], max_new_tokens: int, lengths_P: list[int] | None = None) -> None:
@@ -208,6 +222,10 @@ def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
     resp_B_T, lp_B_T = cat(0, pad_id, torch.long), cat(1, 0.0, torch.float32)
     mask_B_T = cat(2, False, torch.bool).long()
     finished_B = torch.cat([blk[3] for blk in blocks]) if blocks else torch.zeros(0, dtype=torch.bool)
+    hidden_B_T_H = None
+    if stop is not None and blocks:
+        hidden_B_T_H = torch.cat([torch.nn.functional.pad(blk[4], (0, 0, 0, T - blk[4].shape[1]))
+                                  for blk in blocks])
     return RolloutBatch(
         input_ids_B_L=torch.cat([ids_B_P, resp_B_T], dim=1),
         attention_mask_B_L=torch.cat([am_B_P, mask_B_T.to(am_B_P.dtype)], dim=1),
@@ -219,23 +237,33 @@ def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
         prompt_index_B=tuple(index_B),
         prompt_texts_P=tuple(prompt_texts),
         version_B=torch.zeros(len(index_B), dtype=torch.long),
+        teacher_hidden_B_T_H=hidden_B_T_H,
     )
 
 
 class _Follower:
-    """Runs the teacher along one block's sampled tokens and feeds a StopRule (see StopFn)."""
+    """Runs the teacher along one block's sampled tokens in chunks and feeds a StopRule (see
+    StopFn). It keeps the teacher's final hidden state before every response token, so the
+    scorer applies only the teacher's head to them instead of running its body again
+    (`RolloutBatch.teacher_hidden_B_T_H`). Rows that have ended leave its KV cache."""
 
     def __init__(self, teacher, rule: StopRule, ids_B_P: torch.Tensor, am_B_P: torch.Tensor) -> None:
-        self.teacher, self.rule, self.chunk = teacher, rule, max(1, rule.chunk)
+        lm = unwrap(teacher)
+        self.body, self.head = lm.base_model, lm.get_output_embeddings()
+        self.rule, self.chunk = rule, max(1, rule.chunk)
+        B = ids_B_P.shape[0]
         with torch.no_grad():
-            out = teacher(input_ids=ids_B_P, attention_mask=am_B_P,
-                          position_ids=(am_B_P.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-        self.past, self.next_logits_B_V = out.past_key_values, out.logits[:, -1]
-        self.am = am_B_P
-        self.state = rule.open(ids_B_P.shape[0], ids_B_P.device)
+            out = self.body(input_ids=ids_B_P, attention_mask=am_B_P,
+                            position_ids=(am_B_P.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        self.past, self.next_h_A_H = out.past_key_values, out.last_hidden_state[:, -1]
+        self.am_A = am_B_P
+        self.live_A = torch.arange(B, device=ids_B_P.device)  # block rows still in the cache
+        self.state = rule.open(B, ids_B_P.device)
         self.tokens: list[torch.Tensor] = []
         self.valid: list[torch.Tensor] = []
         self.student_topk: list[torch.Tensor] = []
+        self.hidden: list[torch.Tensor] = []  # (B, C, H) per flushed chunk
+        self.rows = B
         self.scored_tokens = 0
 
     def __call__(self, t: int, tok_B: torch.Tensor, valid_B: torch.Tensor, logits_B_V: torch.Tensor) -> torch.Tensor:
@@ -249,21 +277,46 @@ class _Follower:
 
     @torch.no_grad()
     def flush(self) -> torch.Tensor:
-        """Score the pending chunk with the teacher; return the rows to stop now."""
+        """Score the pending chunk with the teacher; return the rows (of the block) to stop now."""
         tok_B_C = torch.stack(self.tokens, 1)
         valid_B_C = torch.stack(self.valid, 1)
         s_ids_B_C_K = torch.stack(self.student_topk, 1) if self.student_topk else None
         self.tokens, self.valid, self.student_topk = [], [], []
-        self.am = torch.cat([self.am, valid_B_C.to(self.am.dtype)], dim=1)
-        C = tok_B_C.shape[1]
-        pos = (self.am.cumsum(-1) - 1).clamp(min=0)[:, -C:]
-        out = self.teacher(input_ids=tok_B_C, attention_mask=self.am, position_ids=pos,
-                           past_key_values=self.past, use_cache=True)
-        # the teacher distribution of token j comes from the logits before it
-        logits_B_C_V = torch.cat([self.next_logits_B_V[:, None], out.logits[:, :-1]], dim=1)
-        self.past, self.next_logits_B_V = out.past_key_values, out.logits[:, -1]
+        B, C = tok_B_C.shape
+        live = self.live_A
+        if not live.numel():  # every row has left: nothing to score or stop
+            self.hidden.append(self.next_h_A_H.new_zeros(B, C, self.next_h_A_H.shape[-1]))
+            return torch.zeros_like(valid_B_C[:, 0])
+        self.am_A = torch.cat([self.am_A, valid_B_C[live].to(self.am_A.dtype)], dim=1)
+        pos = (self.am_A.cumsum(-1) - 1).clamp(min=0)[:, -C:]
+        out = self.body(input_ids=tok_B_C[live], attention_mask=self.am_A, position_ids=pos,
+                        past_key_values=self.past, use_cache=True)
+        # the hidden state that predicts token j is the one before it
+        h_A_C_H = torch.cat([self.next_h_A_H[:, None], out.last_hidden_state[:, :-1]], dim=1)
+        h_B_C_H = h_A_C_H.new_zeros(B, C, h_A_C_H.shape[-1]).index_copy_(0, live, h_A_C_H)
+        self.hidden.append(h_B_C_H)
+        z_A_C_V = self.head(h_A_C_H).float()
+        logits_B_C_V = z_A_C_V.new_zeros(B, C, z_A_C_V.shape[-1]).index_copy_(0, live, z_A_C_V)
         self.scored_tokens += int(valid_B_C.sum())
-        return self.state.update(tok_B_C, s_ids_B_C_K, logits_B_C_V, valid_B_C)
+        stop_B = self.state.update(tok_B_C, s_ids_B_C_K, logits_B_C_V, valid_B_C)
+        # a row whose chunk ends invalid (EOS, budget) or that stops now leaves the cache
+        keep_A = valid_B_C[live, -1] & ~stop_B[live]
+        self.past, self.next_h_A_H = out.past_key_values, out.last_hidden_state[keep_A.nonzero().squeeze(-1), -1]
+        if not keep_A.all():
+            sel_A = keep_A.nonzero().squeeze(-1)
+            if sel_A.numel():
+                self.past.batch_select_indices(sel_A)
+            self.live_A, self.am_A = live[sel_A], self.am_A[sel_A]
+        return stop_B
+
+    def finish(self, width: int) -> torch.Tensor:
+        """Score what is still pending (no stop decision left to make); the teacher hidden
+        states before each of the block's first `width` response tokens, (B, width, H)."""
+        if self.tokens:
+            self.flush()
+        if not self.hidden:
+            return self.next_h_A_H.new_zeros(self.rows, 0, self.next_h_A_H.shape[-1])
+        return torch.cat(self.hidden, 1)[:, :width]
 
 
 class HFSampler:

@@ -32,11 +32,16 @@ class HFScorer:
         self.reference = None if reference is None else as_response_lm(reference)
         self.k, self.chunk_tokens, self.batch_size = k, chunk_tokens, batch_size
 
-    def _stats(self, model, batch: RolloutBatch, k: int, cand_ids_B_T_K=None, keep_hidden: bool = False):
+    def _stats(self, model, batch: RolloutBatch, k: int, cand_ids_B_T_K=None, keep_hidden: bool = False,
+               hidden_B_T_H: torch.Tensor | None = None):
+        """Token stats of `model` on the batch; with `hidden_B_T_H` (states a follower already
+        computed) only its head runs."""
         def compute(h, head):
             stats = token_stats(h, head, batch.response_ids_B_T, k, self.chunk_tokens, cand_ids_B_T_K)
             return stats, (h if keep_hidden else None)
 
+        if hidden_B_T_H is not None:
+            return model(hidden_B_T_H=hidden_B_T_H, compute=compute)
         return model(batch, compute=compute)
 
     @torch.no_grad()
@@ -57,7 +62,9 @@ class HFScorer:
         `with_student` false skips the student (its statistics then come from the training
         forward, `opdcli.objective.StudentStats`): its fields hold NaN log-probs and -1 ids
         until `fill_student` replaces them, and the teacher's log-probs on the student's top-K
-        are left for the training forward too.
+        are left for the training forward too. A rollout that carries the teacher's hidden
+        states (a stop rule's follower ran the teacher along generation) is not run through
+        the teacher's body again.
         """
         assert batch.version_B is not None, "the sampler stamps every row with its policy version"
         pieces: dict[str, list[torch.Tensor]] = {}
@@ -69,7 +76,7 @@ class HFScorer:
             else:
                 got = _unscored(sub.response_ids_B_T, self.k)
             t, h_t = self._stats(self.teacher, sub, self.k, got["s_ids"] if with_student else None,
-                                 keep_teacher_hidden)
+                                 keep_teacher_hidden, sub.teacher_hidden_B_T_H)
             got |= {"t_lp": t.lp_B_T, "t_ids": t.topk_ids_B_T_K, "t_top": t.topk_lp_B_T_K}
             if t.cand_lp_B_T_K is not None:
                 got["t_on_s"] = t.cand_lp_B_T_K
@@ -93,8 +100,8 @@ class HFScorer:
     @torch.no_grad()
     def teacher_token_lp(self, batch: RolloutBatch) -> torch.Tensor:
         """The teacher's log-probs of the sampled tokens only, (B, T) (a rollout worker's scoring)."""
-        parts = [self._stats(self.teacher, batch.rows(slice(a, a + self.batch_size)), 1)[0].lp_B_T
-                 for a in range(0, batch.batch_size, self.batch_size)]
+        subs = [batch.rows(slice(a, a + self.batch_size)) for a in range(0, batch.batch_size, self.batch_size)]
+        parts = [self._stats(self.teacher, sub, 1, hidden_B_T_H=sub.teacher_hidden_B_T_H)[0].lp_B_T for sub in subs]
         return torch.cat(parts, 0)
 
 

@@ -99,7 +99,10 @@ class RolloutBatch:
     the weights that sampled each row, stamped by the sampler. `stopped_B` marks rows ended by
     a stop rule; `follower_tokens` counts the teacher tokens scored during sampling.
     `teacher_lp_B_T` holds the teacher's log-probs of the sampled tokens when the rollout
-    worker scored them itself (asynchronous.worker_scoring), else None.
+    worker scored them itself (asynchronous.worker_scoring), else None. `teacher_hidden_B_T_H`
+    holds the teacher's final hidden state before each response token when a stop rule's
+    follower already ran the teacher along generation (zeros past a row's end), else None:
+    the scorer then applies only the teacher's head.
     """
 
     input_ids_B_L: torch.Tensor
@@ -115,6 +118,7 @@ class RolloutBatch:
     stopped_B: torch.Tensor | None = None
     follower_tokens: int = 0
     teacher_lp_B_T: torch.Tensor | None = None
+    teacher_hidden_B_T_H: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -143,7 +147,8 @@ class RolloutBatch:
             response_ids_B_T=self.response_ids_B_T[t], response_mask_B_T=self.response_mask_B_T[t],
             behavior_lp_B_T=self.behavior_lp_B_T[t], finished_B=self.finished_B[t],
             prompt_index_B=tuple(self.prompt_index_B[i] for i in idx),
-            version_B=pick(self.version_B), stopped_B=pick(self.stopped_B), teacher_lp_B_T=pick(self.teacher_lp_B_T))
+            version_B=pick(self.version_B), stopped_B=pick(self.stopped_B), teacher_lp_B_T=pick(self.teacher_lp_B_T),
+            teacher_hidden_B_T_H=pick(self.teacher_hidden_B_T_H))
 
 
 @dataclass(frozen=True)

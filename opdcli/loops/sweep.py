@@ -84,13 +84,19 @@ def summarize_run(run_dir: Path, wall: float) -> dict[str, float]:
     return {"acc_before": before, "acc_after": after, "wall_s": wall,
             "train_s": total("time/sample") + total("time/score") + total("time/method") + total("time/train"),
             "tokens_generated": total("rollout/tokens"),
-            # online truncation scores tokens during sampling as well as afterwards
-            "tokens_scored": total("rollout/tokens") + sum(total(k) for k in online_keys(steps)),
+            # online truncation scores tokens during sampling; the scorer re-runs the teacher
+            # only on tokens whose follower states it could not reuse
+            "tokens_scored": total("rollout/tokens") + sum(total(k) for k in online_keys(steps))
+            - sum(total(k) for k in reused_keys(steps)),
             "tokens_trained": total("train/tokens_trained")}
 
 
 def online_keys(steps: list[dict[str, float]]) -> set[str]:
     return {k for r in steps for k in r if k.endswith("/online_teacher_tokens")}
+
+
+def reused_keys(steps: list[dict[str, float]]) -> set[str]:
+    return {k for r in steps for k in r if k.endswith("/online_reused_tokens")}
 
 
 ROW_FILE = "sweep_row.json"
