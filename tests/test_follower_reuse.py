@@ -78,3 +78,18 @@ def test_follower_stops_rows_as_before_and_drops_them_from_its_cache(models, toy
     assert chunk_rows == sorted(chunk_rows, reverse=True) and chunk_rows[-1] < 12
     lengths = rollout.response_mask_B_T.sum(-1)
     assert int(lengths.min()) < int(lengths.max())
+
+
+def test_sampling_uses_the_current_cache_api(models, toy_tokenizer):
+    """No deprecation warning from the decode loop or the follower (transformers renamed
+    past_key_values to cache; the loop passes whichever the installed release takes)."""
+    import warnings
+
+    s, t = models
+    sampler = HFSampler(s, toy_tokenizer, generator=torch.Generator().manual_seed(0), follower=t)
+    rule = DriftStopRule(k=4, theta=0.7, w_drop=0.1, chunk=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        batch = sampler.sample(TEXTS, SamplingParams(n=2, max_new_tokens=12), control=GenerationControl(12, rule))
+    assert int(batch.response_mask_B_T.sum()) > 0

@@ -19,6 +19,7 @@ Typical use:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Protocol
 
@@ -44,6 +45,18 @@ class StopFn(Protocol):
 
 StopFactory = Callable[[torch.Tensor, torch.Tensor], StopFn]
 """(prompt ids B x P, prompt attention mask B x P) of one generation block -> its StopFn."""
+
+
+def cache_kwarg(model) -> str:
+    """The name under which `model.forward` takes its KV cache: `cache` (current transformers)
+    or `past_key_values` (older releases, deprecated since)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def out_cache(out):
+    """The KV cache a forward returned, under either name."""
+    got = getattr(out, "cache", None)
+    return got if got is not None else out.past_key_values
 
 
 def process_logits(logits_B_V: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -108,9 +121,10 @@ def _sample_block(model, ids_B_P, am_B_P, params: SamplingParams, eos: torch.Ten
     T = params.max_new_tokens
     device = ids_B_P.device
     stop_fn = stop(ids_B_P, am_B_P) if stop is not None else None
+    kv = cache_kwarg(model)
     out = model(input_ids=ids_B_P, attention_mask=am_B_P,
                 position_ids=(am_B_P.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-    past, logits_A_V = out.past_key_values, out.logits[:, -1]
+    past, logits_A_V = out_cache(out), out.logits[:, -1]
     am_B_L = torch.cat([am_B_P, torch.zeros(B, T, dtype=am_B_P.dtype, device=device)], dim=1)
     pos_B = am_B_P.sum(-1)  # the position of each row's next token
     alive_A = torch.arange(B, device=device)  # the block's rows still decoding, in decode-batch order
@@ -145,9 +159,9 @@ def _sample_block(model, ids_B_P, am_B_P, params: SamplingParams, eos: torch.Ten
             alive_A, tok_A = alive_A[sel_A], tok_A[sel_A]
         am_B_L[alive_A, P + t] = 1
         out = model(input_ids=tok_A[:, None], attention_mask=am_B_L[alive_A, :P + t + 1],
-                    position_ids=pos_B[alive_A, None], past_key_values=past, use_cache=True)
+                    position_ids=pos_B[alive_A, None], use_cache=True, **{kv: past})
         pos_B[alive_A] += 1
-        past, logits_A_V = out.past_key_values, out.logits[:, -1]
+        past, logits_A_V = out_cache(out), out.logits[:, -1]
     hidden = stop_fn.finish(width) if stop_fn is not None else None
     return tokens_B_T[:, :width], lps_B_T[:, :width], masks_B_T[:, :width], finished, hidden
 
@@ -255,7 +269,8 @@ class _Follower:
         with torch.no_grad():
             out = self.body(input_ids=ids_B_P, attention_mask=am_B_P,
                             position_ids=(am_B_P.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-        self.past, self.next_h_A_H = out.past_key_values, out.last_hidden_state[:, -1]
+        self.kv = cache_kwarg(self.body)
+        self.past, self.next_h_A_H = out_cache(out), out.last_hidden_state[:, -1]
         self.am_A = am_B_P
         self.live_A = torch.arange(B, device=ids_B_P.device)  # block rows still in the cache
         self.state = rule.open(B, ids_B_P.device)
@@ -290,7 +305,7 @@ class _Follower:
         self.am_A = torch.cat([self.am_A, valid_B_C[live].to(self.am_A.dtype)], dim=1)
         pos = (self.am_A.cumsum(-1) - 1).clamp(min=0)[:, -C:]
         out = self.body(input_ids=tok_B_C[live], attention_mask=self.am_A, position_ids=pos,
-                        past_key_values=self.past, use_cache=True)
+                        use_cache=True, **{self.kv: self.past})
         # the hidden state that predicts token j is the one before it
         h_A_C_H = torch.cat([self.next_h_A_H[:, None], out.last_hidden_state[:, :-1]], dim=1)
         h_B_C_H = h_A_C_H.new_zeros(B, C, h_A_C_H.shape[-1]).index_copy_(0, live, h_A_C_H)
@@ -301,7 +316,7 @@ class _Follower:
         stop_B = self.state.update(tok_B_C, s_ids_B_C_K, logits_B_C_V, valid_B_C)
         # a row whose chunk ends invalid (EOS, budget) or that stops now leaves the cache
         keep_A = valid_B_C[live, -1] & ~stop_B[live]
-        self.past, self.next_h_A_H = out.past_key_values, out.last_hidden_state[keep_A.nonzero().squeeze(-1), -1]
+        self.past, self.next_h_A_H = out_cache(out), out.last_hidden_state[keep_A.nonzero().squeeze(-1), -1]
         if not keep_A.all():
             sel_A = keep_A.nonzero().squeeze(-1)
             if sel_A.numel():
