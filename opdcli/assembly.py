@@ -20,7 +20,7 @@ from opdcli.engines.hf_sampler import HFSampler
 from opdcli.engines.hf_scorer import HFScorer
 from opdcli.errors import ConfigError
 from opdcli.learner import Learner, shard
-from opdcli.lm import ResponseLM
+from opdcli.lm import ResponseLM, vocab_size
 from opdcli.models import LoadedPair
 
 
@@ -83,7 +83,7 @@ def vllm_teacher(cfg: Any, hf: HFScorer, pair: LoadedPair):
     student on `hf`."""
     from opdcli.engines.vllm_scorer import VLLMTeacherScorer
 
-    width = pair.student.get_output_embeddings().weight.shape[0]
+    width = vocab_size(pair.student)
     return VLLMTeacherScorer(hf, _teacher_source(cfg, pair), k=cfg.scoring.top_k, vocab_size=width)
 
 

@@ -102,12 +102,51 @@ def token_stats(hidden_B_T_H: torch.Tensor, head: torch.nn.Module, target_ids_B_
                       None if cand_ids_B_T_K is None else torch.cat(cand, 1))
 
 
+VOCAB_ATTR = "opd_vocab_size"
+
+
+def set_vocab(model: torch.nn.Module, n: int) -> None:
+    """Score `model` over the first `n` output rows only (its tokenizer's length): checkpoints
+    often pad the head past the tokenizer (e.g. 151,936 or 152,064 rows around 151,669 tokens),
+    and two models of one tokenizer must normalise over the same ids."""
+    setattr(unwrap(model), VOCAB_ATTR, int(n))
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """The number of token ids `model` is scored and sampled over (set_vocab, else its head rows)."""
+    lm = unwrap(model)
+    n = getattr(lm, VOCAB_ATTR, None)
+    return int(n) if n is not None else int(lm.get_output_embeddings().weight.shape[0])
+
+
+class _SlicedHead:
+    """An output head cut to its first `n` rows (the padded rows never reach a softmax)."""
+
+    def __init__(self, head: torch.nn.Module, n: int) -> None:
+        self.head, self.n = head, n
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if type(self.head) is torch.nn.Linear:  # only the kept rows are multiplied
+            bias = None if self.head.bias is None else self.head.bias[: self.n]
+            return torch.nn.functional.linear(h, self.head.weight[: self.n], bias)
+        return self.head(h)[..., : self.n]
+
+
+def output_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's output head, cut to `vocab_size(model)` rows when its head is wider."""
+    lm = unwrap(model)
+    head = lm.get_output_embeddings()
+    n = vocab_size(lm)
+    return head if n == head.weight.shape[0] else _SlicedHead(head, n)
+
+
 class ResponseLM(torch.nn.Module):
     """Wraps a transformers causal LM: forward(batch | hidden, compute) -> compute(hidden, head).
 
     `batch` is a RolloutBatch; with `hidden_B_T_H` given instead, the body is skipped (the
     teacher's logits on kept hidden states). `compute` receives the (B, T, H) hidden states and
-    the output head module and returns whatever the caller needs (stats, a loss).
+    the output head (cut to the tokenizer's ids: `output_head`) and returns whatever the caller
+    needs (stats, a loss).
     """
 
     def __init__(self, lm: torch.nn.Module) -> None:
@@ -117,7 +156,7 @@ class ResponseLM(torch.nn.Module):
     def forward(self, batch: Any = None, hidden_B_T_H: torch.Tensor | None = None, *,
                 compute: Callable[[torch.Tensor, torch.nn.Module], Any]) -> Any:
         hidden = response_hidden(self.lm, batch) if hidden_B_T_H is None else hidden_B_T_H
-        return compute(hidden, self.lm.get_output_embeddings())
+        return compute(hidden, output_head(self.lm))
 
 
 def as_response_lm(model: torch.nn.Module) -> ResponseLM:

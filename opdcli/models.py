@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 
 from opdcli.config import ModelConfig
 from opdcli.errors import ConfigError, ModelError
+from opdcli.lm import set_vocab
 
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -140,17 +141,21 @@ def check_same_vocabulary(tok_a: Any, tok_b: Any, name_a: str, name_b: str) -> N
         )
 
 
-def check_logit_widths(model_a: Any, model_b: Any, name_a: str, name_b: str) -> None:
-    check_widths(model_a.get_output_embeddings().weight.shape[0], model_b.get_output_embeddings().weight.shape[0],
-                 name_a, name_b)
-
-
-def check_widths(a: int, b: int, name_a: str, name_b: str) -> None:
-    if a != b:
+def check_head_covers(rows: int, tokens: int, name: str) -> None:
+    """Refuse a model whose output head has fewer rows than its tokenizer has ids (a head
+    padded past the tokenizer is fine: every model is scored over the tokenizer's ids only)."""
+    if rows < tokens:
         raise ModelError(
-            f"'{name_a}' has {a} output logits but '{name_b}' has {b}; models must share the "
-            "vocabulary size (same family) to be distilled token by token"
+            f"'{name}' has {rows} output logits but its tokenizer has {tokens} tokens; the checkpoint's head "
+            "does not cover its tokenizer: use the tokenizer saved with these weights"
         )
+
+
+def fit_vocab(model: Any, tokens: int, name: str) -> Any:
+    """Check the model's head covers the tokenizer, and score it over the tokenizer's ids."""
+    check_head_covers(int(model.get_output_embeddings().weight.shape[0]), tokens, name)
+    set_vocab(model, tokens)
+    return model
 
 
 def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
@@ -168,17 +173,16 @@ def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
     if teacher_files:
         check_same_vocabulary(tok_s, load_tokenizer(teacher, trust_remote_code), student, teacher)
     kw = {"trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
-    s = load_model(student, device, dtype, trainable=True, **kw)
+    s = fit_vocab(load_model(student, device, dtype, trainable=True, **kw), len(tok_s), student)
     if not teacher_files:
         return LoadedPair(student=s, teacher=None, tokenizer=tok_s, device=device, dtype=dtype)
     if not load_teacher:
         from transformers import AutoConfig
 
         t_cfg = AutoConfig.from_pretrained(resolve_model_path(teacher), trust_remote_code=trust_remote_code)
-        check_widths(s.get_output_embeddings().weight.shape[0], t_cfg.get_text_config().vocab_size, student, teacher)
+        check_head_covers(t_cfg.get_text_config().vocab_size, len(tok_s), teacher)
         return LoadedPair(student=s, teacher=None, tokenizer=tok_s, device=device, dtype=dtype)
-    t = load_model(teacher, device, dtype, trainable=False, **kw)
-    check_logit_widths(s, t, student, teacher)
+    t = fit_vocab(load_model(teacher, device, dtype, trainable=False, **kw), len(tok_s), teacher)
     return LoadedPair(student=s, teacher=t, tokenizer=tok_s, device=device, dtype=dtype)
 
 
@@ -197,8 +201,7 @@ def load_reference(name: str | None, pair: LoadedPair, m: ModelConfig) -> Any:
     check_same_vocabulary(pair.tokenizer, load_tokenizer(name, m.trust_remote_code), m.student, name)
     ref = load_model(name, pair.device, pair.dtype, trust_remote_code=m.trust_remote_code,
                      attn_implementation=m.attn_implementation)
-    check_logit_widths(pair.student, ref, m.student, name)
-    return ref
+    return fit_vocab(ref, len(pair.tokenizer), name)
 
 
 def load_weights(model: Any, folder: str | Path) -> None:

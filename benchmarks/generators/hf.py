@@ -20,6 +20,7 @@ class HFGenerator:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 64,
                  explicit_thinking: bool = False, trust_remote_code: bool = False) -> None:
         from opdcli.models import (
+            fit_vocab,
             load_model,
             load_tokenizer,
             resolve_device,
@@ -31,7 +32,8 @@ class HFGenerator:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = load_tokenizer(model, trust_remote_code)
-        self.model = load_model(model, self.device, self.dtype, trust_remote_code=trust_remote_code)
+        self.model = fit_vocab(load_model(model, self.device, self.dtype, trust_remote_code=trust_remote_code),
+                               len(self.tokenizer), model)
         self.batch_size, self.explicit_thinking = batch_size, explicit_thinking
 
     def describe(self) -> dict[str, Any]:

@@ -27,11 +27,12 @@ import torch
 
 from opdcli.engines.types import GenerationControl, RolloutBatch, RowShard, SamplingParams, StopRule
 from opdcli.errors import DataError
-from opdcli.lm import unwrap
+from opdcli.lm import output_head, unwrap, vocab_size
 
 
 class StopFn(Protocol):
-    """Called once per decode step of a block, then `finish`ed when the block ends."""
+    """Called once per decode step of a block, then `finish`ed when the block ends (a plain
+    callable without `finish` works too: its rollout carries no teacher hidden states)."""
 
     def __call__(self, t: int, tok_B: torch.Tensor, valid_B: torch.Tensor, logits_B_V: torch.Tensor) -> torch.Tensor:
         """(step t, token sampled at t, rows for which it is a real token, the student's raw
@@ -121,10 +122,11 @@ def _sample_block(model, ids_B_P, am_B_P, params: SamplingParams, eos: torch.Ten
     T = params.max_new_tokens
     device = ids_B_P.device
     stop_fn = stop(ids_B_P, am_B_P) if stop is not None else None
-    kv = cache_kwarg(model)
+    kv, V = cache_kwarg(model), vocab_size(model)  # logits past the tokenizer's ids are padding
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(input_ids=ids_B_P, attention_mask=am_B_P,
-                position_ids=(am_B_P.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-    past, logits_A_V = out_cache(out), out.logits[:, -1]
+                position_ids=(am_B_P.cumsum(-1) - 1).clamp(min=0), use_cache=True, **keep)
+    past, logits_A_V = out_cache(out), out.logits[:, -1, :V]
     am_B_L = torch.cat([am_B_P, torch.zeros(B, T, dtype=am_B_P.dtype, device=device)], dim=1)
     pos_B = am_B_P.sum(-1)  # the position of each row's next token
     alive_A = torch.arange(B, device=device)  # the block's rows still decoding, in decode-batch order
@@ -161,8 +163,9 @@ def _sample_block(model, ids_B_P, am_B_P, params: SamplingParams, eos: torch.Ten
         out = model(input_ids=tok_A[:, None], attention_mask=am_B_L[alive_A, :P + t + 1],
                     position_ids=pos_B[alive_A, None], use_cache=True, **{kv: past})
         pos_B[alive_A] += 1
-        past, logits_A_V = out_cache(out), out.logits[:, -1]
-    hidden = stop_fn.finish(width) if stop_fn is not None else None
+        past, logits_A_V = out_cache(out), out.logits[:, -1, :V]
+    finish = getattr(stop_fn, "finish", None)  # a follower; a plain stop callable keeps nothing
+    hidden = finish(width) if finish is not None else None
     return tokens_B_T[:, :width], lps_B_T[:, :width], masks_B_T[:, :width], finished, hidden
 
 
@@ -206,7 +209,7 @@ def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
     ids_B_P, am_B_P = ids_P_L[index_B], am_P_L[index_B]
     eos = torch.tensor(eos_token_ids(tokenizer, model), device=device)
     pad_id = tokenizer.pad_token_id
-    vocab = int(model.get_output_embeddings().weight.shape[0])
+    vocab = vocab_size(model)
     was_training = model.training
     model.eval()
     blocks, widths = [], []
@@ -237,7 +240,7 @@ def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
     mask_B_T = cat(2, False, torch.bool).long()
     finished_B = torch.cat([blk[3] for blk in blocks]) if blocks else torch.zeros(0, dtype=torch.bool)
     hidden_B_T_H = None
-    if stop is not None and blocks:
+    if blocks and all(blk[4] is not None for blk in blocks):
         hidden_B_T_H = torch.cat([torch.nn.functional.pad(blk[4], (0, 0, 0, T - blk[4].shape[1]))
                                   for blk in blocks])
     return RolloutBatch(
@@ -263,7 +266,7 @@ class _Follower:
 
     def __init__(self, teacher, rule: StopRule, ids_B_P: torch.Tensor, am_B_P: torch.Tensor) -> None:
         lm = unwrap(teacher)
-        self.body, self.head = lm.base_model, lm.get_output_embeddings()
+        self.body, self.head = lm.base_model, output_head(lm)
         self.rule, self.chunk = rule, max(1, rule.chunk)
         B = ids_B_P.shape[0]
         with torch.no_grad():

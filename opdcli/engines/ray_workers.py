@@ -30,6 +30,7 @@ class RolloutWorker:
         from opdcli.engines.hf_sampler import HFSampler
         from opdcli.engines.hf_scorer import HFScorer
         from opdcli.models import (
+            fit_vocab,
             load_model,
             load_tokenizer,
             resolve_device,
@@ -40,11 +41,13 @@ class RolloutWorker:
         torch.set_num_threads(threads)
         dev = resolve_device(device)
 
-        def load(path: str):
-            return load_model(path, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
-                              attn_implementation=attn_implementation)
-
         tokenizer = load_tokenizer(model, trust_remote_code)
+
+        def load(path: str):
+            loaded = load_model(path, dev, resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
+                                attn_implementation=attn_implementation)
+            return fit_vocab(loaded, len(tokenizer), path)
+
         if engine == "vllm":  # the engine holds the weights; new ones are pushed into it
             from opdcli.engines.vllm_engine import VLLMSampler
 

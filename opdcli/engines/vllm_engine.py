@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from opdcli.engines.types import GenerationControl, RolloutBatch, RowShard, SamplingParams
-from opdcli.errors import ConfigError
+from opdcli.errors import ConfigError, EngineError
 
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 """Head sizes vLLM's CPU attention backend runs (0.32); others fail at the first forward."""
@@ -297,6 +297,10 @@ class VLLMSampler:
             resp[b, :len(toks)] = torch.tensor(toks, dtype=torch.long)
             lp[b, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
             mask[b, :len(toks)] = 1
+        if B and T and int(resp.max()) >= len(self.tokenizer):
+            raise EngineError(f"vLLM sampled token id {int(resp.max())}, a padded row of the student's head beyond its "
+                              f"tokenizer's {len(self.tokenizer)} tokens (vLLM samples over the whole head); the "
+                              "student gives those rows mass: use rollout.engine=hf, which samples the tokenizer's ids only")
         finished = torch.tensor([r[2] for r in rows], dtype=torch.bool)
         device = self.model.device if self.model is not None else torch.device("cpu")
         return RolloutBatch(

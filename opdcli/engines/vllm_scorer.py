@@ -114,8 +114,9 @@ class VLLMTeacherScorer:
                 top[b, t, :len(row_top[t])] = torch.tensor(row_top[t])
             self.scored_tokens += n
         if self.vocab_size is not None and B and int(ids.max()) >= self.vocab_size:
-            raise EngineError(f"the vLLM teacher returned token id {int(ids.max())}, beyond the student's "
-                              f"{self.vocab_size} ids; teacher and student must share one vocabulary")
+            raise EngineError(f"the vLLM teacher returned token id {int(ids.max())}, beyond the tokenizer's "
+                              f"{self.vocab_size} ids (a padded row of its head, or another vocabulary); "
+                              "use scoring.teacher_engine=hf, which scores the tokenizer's ids only")
         dev = batch.response_ids_B_T.device
         return lp.to(dev), ids.to(dev), top.to(dev)
 

@@ -29,6 +29,7 @@ from opdcli.learner import Learner
 from opdcli.lm import as_response_lm, token_stats
 from opdcli.models import (
     LoadedPair,
+    fit_vocab,
     load_configured_pair,
     load_model,
     load_tokenizer,
@@ -107,7 +108,8 @@ def _load(cfg: DistillRunConfig, device: str) -> LoadedPair:
     dtype = resolve_dtype(cfg.run.dtype, dev)
     student = load_model(m.student, dev, dtype, trainable=True, trust_remote_code=m.trust_remote_code,
                          attn_implementation=m.attn_implementation)
-    return LoadedPair(student, None, load_tokenizer(m.student), dev, dtype)
+    tokenizer = load_tokenizer(m.student, m.trust_remote_code)
+    return LoadedPair(fit_vocab(student, len(tokenizer), m.student), None, tokenizer, dev, dtype)
 
 
 def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | None = None) -> RunResult:
