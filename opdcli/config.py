@@ -95,6 +95,9 @@ class DataConfig:
     """Field with a reference solution (needed by `opd distill` with traces: gold)."""
     system_prompt: str | None = None
     """Optional system message prepended to every prompt."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template, for training, rollouts and held-out evaluation
+    alike, e.g. {enable_thinking: false} for Qwen3 (a key the template never reads is refused)."""
     max_prompts: int | None = None
     """Use at most this many prompts from the source."""
     eval_source: str | None = None

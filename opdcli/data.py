@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from opdcli.config import DataConfig
-from opdcli.errors import DataError
+from opdcli.errors import ConfigError, DataError
 from opdcli.toy.task import ToyTask
 
 
@@ -27,13 +27,38 @@ class Prompt:
     messages: tuple[dict[str, str], ...]
     answer: str | None = None
     solution: str | None = None
+    template_kwargs: tuple[tuple[str, Any], ...] = ()
+    """Extra chat-template variables (data.chat_template_kwargs), e.g. (("enable_thinking", False),)."""
 
 
 def render(tokenizer: Any, prompt: Prompt) -> str:
-    """The prompt text the model sees: its chat template with the generation prompt."""
+    """The prompt text the model sees: its chat template with the generation prompt and the
+    prompt's template variables (each of which the template must read)."""
+    kwargs = dict(prompt.template_kwargs)
+    if kwargs:
+        check_template_reads(tokenizer, kwargs)
     return tokenizer.apply_chat_template(
-        list(prompt.messages), add_generation_prompt=True, tokenize=False
+        list(prompt.messages), add_generation_prompt=True, tokenize=False, **kwargs
     )
+
+
+def template_source(tokenizer: Any) -> str:
+    """The tokenizer's default chat template text ('' when it has none)."""
+    try:
+        return str(tokenizer.get_chat_template())
+    except (ValueError, AttributeError):
+        return str(getattr(tokenizer, "chat_template", "") or "")
+
+
+def check_template_reads(tokenizer: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse a data.chat_template_kwargs key the chat template never reads (it would change nothing)."""
+    text = template_source(tokenizer)
+    unread = [k for k in kwargs if k not in text]
+    if unread:
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise ConfigError(f"data.chat_template_kwargs.{unread[0]} cannot take effect: the chat template of "
+                          f"'{name}' never reads '{unread[0]}'; remove it (or use a model whose template does, "
+                          "e.g. enable_thinking for Qwen3)")
 
 
 def toy_task(cfg: DataConfig) -> ToyTask:
@@ -45,8 +70,13 @@ def _messages(text: str, system: str | None) -> tuple[dict[str, str], ...]:
     return head + ({"role": "user", "content": text},)
 
 
-def _toy_prompt(index: str, problem: Any, system: str | None) -> Prompt:
-    return Prompt(index, _messages(problem.prompt, system), problem.answer, problem.solution)
+def _template_kwargs(cfg: DataConfig) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(cfg.chat_template_kwargs.items()))
+
+
+def _toy_prompt(index: str, problem: Any, cfg: DataConfig) -> Prompt:
+    return Prompt(index, _messages(problem.prompt, cfg.system_prompt), problem.answer, problem.solution,
+                  _template_kwargs(cfg))
 
 
 def read_rows(source: str, split: str) -> list[dict[str, Any]]:
@@ -131,7 +161,7 @@ def rows_to_prompts(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> 
         solution = row.get(cfg.solution_field)
         pid = str(row.get("id", i))
         prompts.append(Prompt(pid, messages, None if answer is None else str(answer),
-                              None if solution is None else str(solution)))
+                              None if solution is None else str(solution), _template_kwargs(cfg)))
     if cfg.max_prompts is not None:
         prompts = prompts[: cfg.max_prompts]
     if not prompts:
@@ -156,7 +186,7 @@ class PromptSource:
     def _make_iter(self) -> Iterator[Prompt]:
         if self._items is None:
             for i, problem in enumerate(self._task.stream(self.seed, self._exclude)):
-                yield _toy_prompt(f"toy-{i}", problem, self.cfg.system_prompt)
+                yield _toy_prompt(f"toy-{i}", problem, self.cfg)
         else:
             epoch = 0
             while True:
@@ -182,7 +212,7 @@ def heldout_prompts(cfg: DataConfig, size: int) -> list[Prompt] | None:
     """Held-out prompts with answers, or None when the source has none."""
     if cfg.eval_source is None and cfg.source == "toy":
         problems = toy_task(cfg).heldout(cfg.toy.split_seed, cfg.toy.heldout_size)[:size]
-        return [_toy_prompt(f"heldout-{i}", p, cfg.system_prompt) for i, p in enumerate(problems)]
+        return [_toy_prompt(f"heldout-{i}", p, cfg) for i, p in enumerate(problems)]
     if cfg.eval_source is None:
         return None
     prompts = rows_to_prompts(read_rows(cfg.eval_source, "test"), cfg, cfg.eval_source)[:size]
