@@ -109,6 +109,42 @@ def train(
 
 
 @app.command()
+def doctor(
+    config: ConfigOpt = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Method name (its reference model is checked too).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Check a student / teacher pair before training: tokenizers, vocabulary widths, chat
+    templates, end-of-answer tokens, generation defaults, dtype and context length."""
+    try:
+        _one_process("doctor")
+        from rich.console import Console
+        from rich.table import Table
+
+        from opdcli.config import TrainRunConfig
+        from opdcli.doctor import diagnose
+        from opdcli.errors import ConfigError
+
+        overrides = list(set_ or []) + ([f"method.name={method}"] if method else [])
+        cfg, _ = _load(TrainRunConfig, config, "opd.yaml", overrides)
+        findings = diagnose(cfg)
+        table = Table(title=f"opd doctor: {cfg.model.student} <- {cfg.model.teacher}", show_lines=True)
+        for col in ("", "check", "finding", "fix"):
+            table.add_column(col)
+        style = {"error": "[red]error[/red]", "warning": "[yellow]warning[/yellow]", "ok": "[green]ok[/green]"}
+        for f in findings:
+            table.add_row(style[f.level], f.check, f.detail, f.fix)
+        Console(width=160).print(table)
+        errors = sum(f.level == "error" for f in findings)
+        if errors:
+            raise ConfigError(f"{errors} check(s) found what makes OPD wrong with this pair; apply the fixes above")
+        warned = sum(f.level == "warning" for f in findings)
+        typer.echo(f"no errors, {warned} warning(s)")
+    except OpdError as exc:
+        _fail(exc)
+
+
+@app.command()
 def distill(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Off-policy baseline: the student learns from teacher traces (SFT or forward KL)."""
     try:

@@ -121,6 +121,10 @@ class RolloutConfig:
     """Top-k sampling; 0 disables."""
     max_new_tokens: int = 256
     """Generation budget per sample."""
+    stop_tokens: list[str] = field(default_factory=list)
+    """Tokens that end a sample besides the student's EOS (its tokenizer's and generation
+    config's), e.g. ["<|im_end|>"] for a Base student whose teacher ends answers with it
+    (`opd doctor` says when)."""
     batch_size: int = 64
     """Sequences generated at once (hf engine; vLLM schedules its own batches)."""
     engine: Literal["hf", "vllm"] = "hf"

@@ -38,7 +38,7 @@ def sampling_params(r: RolloutConfig, max_new_tokens: int | None = None) -> Samp
     """The rollout config's sampling settings (one place that builds them)."""
     return SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                           max_new_tokens=r.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                          batch_size=r.batch_size)
+                          batch_size=r.batch_size, stop_tokens=tuple(r.stop_tokens))
 
 
 def row_shard(d: Dist, rows: int) -> RowShard:

@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 
 from opdcli.engines.types import GenerationControl, RolloutBatch, RowShard, SamplingParams, StopRule
-from opdcli.errors import DataError
+from opdcli.errors import ConfigError, DataError
 from opdcli.lm import output_head, unwrap, vocab_size
 
 
@@ -84,6 +84,18 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     elif isinstance(gen, list):
         ids |= set(gen)
     return sorted(i for i in ids if i is not None)
+
+
+def stop_token_ids(tokenizer, eos_ids: list[int], extra: tuple[str, ...]) -> list[int]:
+    """The policy's EOS ids plus those of the `extra` token strings (each must be one token)."""
+    out = set(eos_ids)
+    for text in extra:
+        tid = tokenizer.convert_tokens_to_ids(text)
+        if not isinstance(tid, int) or tokenizer.convert_ids_to_tokens(tid) != text:
+            raise ConfigError(f"rollout.stop_tokens: {text!r} is not a token of the student's tokenizer; "
+                              "give tokens as the tokenizer spells them (e.g. <|im_end|>)")
+        out.add(tid)
+    return sorted(out)
 
 
 class BlockNoise:
@@ -207,7 +219,7 @@ def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
     reduce_max = shard.reduce_max if shard.reduce_max is not None else (lambda x: x)
     index_B = index_all[shard.start:shard.stop]
     ids_B_P, am_B_P = ids_P_L[index_B], am_P_L[index_B]
-    eos = torch.tensor(eos_token_ids(tokenizer, model), device=device)
+    eos = torch.tensor(stop_token_ids(tokenizer, eos_token_ids(tokenizer, model), params.stop_tokens), device=device)
     pad_id = tokenizer.pad_token_id
     vocab = vocab_size(model)
     was_training = model.training
@@ -364,7 +376,7 @@ class HFSampler:
         if control is not None:
             params = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                     top_k=params.top_k, max_new_tokens=control.max_new_tokens,
-                                    batch_size=params.batch_size)
+                                    batch_size=params.batch_size, stop_tokens=params.stop_tokens)
         rule = control.stop if control is not None else None
         followers: list[_Follower] = []
         factory = None

@@ -31,6 +31,8 @@ class SamplingParams:
     max_new_tokens: int = 256
     batch_size: int = 64
     """Sequences decoded at once."""
+    stop_tokens: tuple[str, ...] = ()
+    """Tokens (as strings) that end a response besides the policy's EOS ids."""
 
 
 class StopState(Protocol):

@@ -62,7 +62,7 @@ def sample_with_stop_rule(sampler: Any, ids_P_L: torch.Tensor, am_P_L: torch.Ten
         rows = [b for b in range(B) if live[b]]
         sps = [sampler.sampling_params_cls(
             n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else -1,
-            max_tokens=min(chunk, max_new - len(gen[b])), logprobs=k if k else (None if greedy else 0), stop_token_ids=sampler.eos, ignore_eos=False, skip_special_tokens=False, detokenize=False)
+            max_tokens=min(chunk, max_new - len(gen[b])), logprobs=k if k else (None if greedy else 0), stop_token_ids=sampler.stops, ignore_eos=False, skip_special_tokens=False, detokenize=False)
             for b in rows]
         outs = sampler.llm.generate([{"prompt_token_ids": prompts[b] + gen[b]} for b in rows], sps, use_tqdm=False)
         tok = torch.full((B, chunk), sampler.tokenizer.pad_token_id, dtype=torch.long)
@@ -80,7 +80,7 @@ def sample_with_stop_rule(sampler: Any, ids_P_L: torch.Tensor, am_P_L: torch.Ten
                 if k:
                     s_ids[b, j] = torch.tensor(_student_topk(o.logprobs[j], k))
             gen[b] += new
-            if new and new[-1] in sampler.eos:
+            if new and new[-1] in sampler.stops:
                 finished[b], live[b] = True, False
             elif len(gen[b]) >= max_new or not new:
                 live[b] = False

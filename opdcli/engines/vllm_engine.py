@@ -153,6 +153,7 @@ class VLLMSampler:
         self.llm = llm
         self.sampling_params_cls = sampling_params_cls or import_vllm("rollout.engine=vllm").SamplingParams
         self.eos = _eos_ids(tokenizer, module, path)
+        self.stops = self.eos  # the EOS ids plus the current call's rollout.stop_tokens
         self.version = 0
         self.generator = None  # the engine seeds itself; kept for the loops' uniform set-up
         self.asleep = False
@@ -243,6 +244,9 @@ class VLLMSampler:
         counts: dict[int, int] = {}
         for p in index_B:
             counts[p] = counts.get(p, 0) + 1
+        from opdcli.engines.hf_sampler import stop_token_ids
+
+        self.stops = stop_token_ids(self.tokenizer, self.eos, params.stop_tokens)
         self.wake()
         if rule is not None:
             from opdcli.engines.vllm_chunks import sample_with_stop_rule
@@ -264,7 +268,7 @@ class VLLMSampler:
             sps.append(self.sampling_params_cls(
                 n=1 if greedy else n, temperature=params.temperature, top_p=params.top_p,
                 top_k=params.top_k if params.top_k > 0 else -1, max_tokens=max_new, logprobs=None if greedy else 0,
-                stop_token_ids=self.eos, ignore_eos=False, skip_special_tokens=False, detokenize=False))
+                stop_token_ids=self.stops, ignore_eos=False, skip_special_tokens=False, detokenize=False))
         results = self.llm.generate(requests, sps, use_tqdm=False) if requests else []
         return {p: (res, n) for (p, n), res in zip(counts.items(), results, strict=True)}
 
@@ -280,7 +284,7 @@ class VLLMSampler:
             toks = list(o.token_ids)
             lps = [0.0] * len(toks) if params.temperature == 0 else \
                 [float(step[t].logprob) for step, t in zip(o.logprobs, toks, strict=True)]
-            rows.append((toks, lps, o.finish_reason == "stop" and bool(toks) and toks[-1] in self.eos))
+            rows.append((toks, lps, o.finish_reason == "stop" and bool(toks) and toks[-1] in self.stops))
         return self.rows_to_batch(ids_B_P, am_B_P, rows, index_B, texts)
 
     def rows_to_batch(self, ids_B_P, am_B_P, rows: list[tuple[list[int], list[float], bool]], index_B: list[int],

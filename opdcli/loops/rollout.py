@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from opdcli.config import TrainRunConfig, flatten_keys, parse_overrides
+from opdcli.doctor import preflight
 from opdcli.errors import ConfigError
 from opdcli.records import MAX_TOPK, RolloutWriter
 
@@ -147,6 +148,7 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     check_sampler(sampler_class(cfg), method)
     check_teacher_engine(cfg, method)
     check_engine(cfg, cfg.model.student, "student")
+    preflight(cfg)  # the pair's tokenizers, templates, EOS, context: `opd doctor`
     prompts = _prompts(cfg)  # data errors surface before models load
     m = cfg.model
     pair = load_configured_pair(m, cfg.run.device, cfg.run.dtype, **teacher_loading(cfg))

@@ -76,7 +76,7 @@ class RunContext:
 
         tokens = self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens
         return heldout_accuracy(self.eval_model, self.tokenizer, self.heldout, tokens, self.cfg.eval.batch_size,
-                                d=self.d)
+                                d=self.d, stop_tokens=tuple(self.cfg.rollout.stop_tokens))
 
     def periodic(self, step_idx: int, metrics: dict[str, float], learner: Any, method: Any) -> None:
         """After an optimizer step: bookkeeping, cadenced eval, logging and checkpoints."""

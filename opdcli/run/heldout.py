@@ -17,12 +17,15 @@ from opdcli.grading import grade, last_boxed, strip_thinking
 
 @torch.no_grad()
 def heldout_accuracy(model, tokenizer, prompts: list[Prompt], max_new_tokens: int,
-                     batch_size: int, prefix: str = "eval/heldout", d: Dist = ALONE) -> dict[str, float]:
-    """Accuracy, no-answer rate, truncation rate and mean response length (tokens)."""
+                     batch_size: int, prefix: str = "eval/heldout", d: Dist = ALONE,
+                     stop_tokens: tuple[str, ...] = ()) -> dict[str, float]:
+    """Accuracy, no-answer rate, truncation rate and mean response length (tokens); responses
+    end at the EOS ids and at `stop_tokens` (rollout.stop_tokens), as in training."""
     from opdcli.engines.types import RowShard
 
     texts = [render(tokenizer, p) for p in prompts]
-    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            stop_tokens=stop_tokens)
     start, stop = d.shard(len(prompts))
     counts = {"accuracy": 0.0, "no_answer_rate": 0.0, "truncated_rate": 0.0, "response_len": 0.0}
     if stop > start:

@@ -12,6 +12,7 @@ import torch
 from opdcli import dist
 from opdcli.assembly import Parts, assemble, check_engine, check_placement, teacher_loading
 from opdcli.data import PromptSource, heldout_prompts
+from opdcli.doctor import preflight
 from opdcli.engines.vllm_scorer import check_teacher_engine
 from opdcli.methods import Method, build_method
 from opdcli.models import LoadedPair, load_configured_pair, load_reference, load_weights
@@ -44,6 +45,7 @@ def prepare_training(cfg: Any, argv: list[str], d: dist.Dist, sampler: Any,
     check_teacher_engine(cfg, method)
     student_from_train(cfg, method)  # scoring.student_scores=train_forward where it cannot act: refused now
     check_engine(cfg, cfg.model.student, "student")
+    preflight(cfg, report=d.is_main)  # the pair's tokenizers, templates, EOS, context: `opd doctor`
     source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
     heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
     ckpt = resume_point(cfg)
