@@ -61,6 +61,9 @@ class ModelConfig:
     """Passed to from_pretrained."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel for all models."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's decoder-layer activations in backward instead of keeping them
+    (long responses: activations of a 12k-token sequence would not fit otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ class DataConfig:
     prompt_field: str = "prompt"
     """Field with the user prompt (a string, or a list of chat messages)."""
     answer_field: str = "answer"
-    """Field with the reference final answer (optional; enables held-out accuracy)."""
+    """Field with the reference final answer (optional; enables held-out accuracy). Dotted names
+    reach into nested records, e.g. reward_model.ground_truth (DAPO-Math-17k)."""
     solution_field: str = "solution"
     """Field with a reference solution (needed by `opd distill` with traces: gold)."""
     system_prompt: str | None = None

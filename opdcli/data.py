@@ -142,23 +142,39 @@ def _read_hub(spec: str, split: str) -> list[dict[str, Any]]:
     return [dict(row) for row in ds]
 
 
+_MISSING = object()
+
+
+def field_value(row: dict[str, Any], name: str, default: Any = None) -> Any:
+    """row[name], where a dotted name walks into nested records (e.g. reward_model.ground_truth,
+    as DAPO-Math-17k stores its answers); a field of that exact name wins over the walk."""
+    if name in row:
+        return row[name]
+    node: Any = row
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
 def rows_to_prompts(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> list[Prompt]:
     prompts = []
     for i, row in enumerate(rows):
-        if cfg.prompt_field not in row:
+        if field_value(row, cfg.prompt_field, _MISSING) is _MISSING:
             raise DataError(
                 f"{where}: row {i} has no field '{cfg.prompt_field}' (fields: {', '.join(map(str, row))}); "
                 "set data.prompt_field"
             )
-        value = row[cfg.prompt_field]
+        value = field_value(row, cfg.prompt_field)
         if isinstance(value, str):
             messages = _messages(value, cfg.system_prompt)
         elif isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
             messages = tuple({"role": str(m["role"]), "content": str(m["content"])} for m in value)
         else:
             raise DataError(f"{where}: row {i} field '{cfg.prompt_field}' must be a string or a list of chat messages")
-        answer = row.get(cfg.answer_field)
-        solution = row.get(cfg.solution_field)
+        answer = field_value(row, cfg.answer_field)
+        solution = field_value(row, cfg.solution_field)
         pid = str(row.get("id", i))
         prompts.append(Prompt(pid, messages, None if answer is None else str(answer),
                               None if solution is None else str(solution), _template_kwargs(cfg)))

@@ -24,7 +24,7 @@ import torch
 
 from opdcli.data import PromptSource, check_template_reads, heldout_prompts, render, template_source
 from opdcli.engines.hf_sampler import eos_token_ids, stop_token_ids
-from opdcli.errors import ConfigError
+from opdcli.errors import ConfigError, DataError, OpdError
 from opdcli.models import load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
 
 PROBE_PROMPTS = 256
@@ -37,6 +37,8 @@ class Finding:
     check: str
     detail: str
     fix: str = ""
+    kind: type[OpdError] = ConfigError
+    """The error class a refused run raises (bad data: DataError)."""
 
     def line(self) -> str:
         return f"{self.check}: {self.detail}" + (f"; {self.fix}" if self.fix else "")
@@ -202,22 +204,41 @@ def check_dtype(run: Any) -> list[Finding]:
     return [Finding("ok", "dtype", f"{name} on {device}")]
 
 
-def check_positions(models: list[_Model], lengths: list[int], budget: int) -> list[Finding]:
-    longest = max(lengths, default=0)
-    out = []
-    for m in models:
-        limit = getattr(m.config, "max_position_embeddings", None)
-        if not isinstance(limit, int):
-            continue
-        if longest + budget > limit:
-            out.append(Finding("error", "context", f"the longest of {len(lengths)} prompts has {longest} tokens; "
-                               f"with {budget} new tokens that exceeds the model's context: the {m.role} "
-                               f"'{m.name}' has {limit} positions (max_position_embeddings)",
-                               "shorten or filter the prompts, or lower rollout.max_new_tokens"))
-    if not out:
-        limits = ", ".join(f"{m.role} {getattr(m.config, 'max_position_embeddings', '?')}" for m in models)
-        out.append(Finding("ok", "context", f"longest prompt {longest} + {budget} new tokens fits ({limits})"))
-    return out
+def check_positions(models: list[_Model], tok: Any, texts: list[tuple[str, str]], budget: int,
+                    budget_key: str) -> list[Finding]:
+    """Each (label, rendered text) plus `budget` new tokens against every model's context; a text
+    too long to fit at any tokenisation (over 64 characters per position) is not tokenised."""
+    limits = [(m, m.config.max_position_embeddings) for m in models
+              if isinstance(getattr(m.config, "max_position_embeddings", None), int)]
+    if not limits:
+        return []
+    model, limit = min(limits, key=lambda ml: ml[1])
+    where = f"positions (max_position_embeddings of the {model.role} '{model.name}')"
+    rough = [(label, len(text) // 64) for label, text in texts if len(text) // 64 + budget > limit]
+    if rough:
+        label, n = rough[0]
+        return [Finding("error", "context", f"{label} has over {n} tokens; with {budget_key}={budget} that exceeds "
+                        f"the model's context of {limit} {where}", "shorten or filter the prompts, or lower "
+                        f"{budget_key}", kind=DataError)]
+    lengths = [len(ids) for ids in tok([t for _, t in texts], add_special_tokens=False)["input_ids"]] if texts else []
+    over = [(label, n) for (label, _), n in zip(texts, lengths, strict=True) if n + budget > limit]
+    if over:
+        label, n = over[0]
+        more = f" ({len(over) - 1} more prompts too)" if len(over) > 1 else ""
+        return [Finding("error", "context", f"{label} has {n} tokens; with {budget_key}={budget} that exceeds the "
+                        f"model's context of {limit} {where}{more}", "shorten or filter the prompts, or lower "
+                        f"{budget_key}", kind=DataError)]
+    every = ", ".join(f"{m.role} {n}" for m, n in limits)
+    return [Finding("ok", "context", f"longest of {len(texts)} prompts {max(lengths, default=0)} tokens + "
+                    f"{budget} new tokens fits ({every} positions)")]
+
+
+def _unique(prompts: list[Any]) -> list[Any]:
+    """The stream's prompts once each (a small file repeats within the probe)."""
+    seen: dict[str, Any] = {}
+    for p in prompts:
+        seen.setdefault(p.prompt_id, p)
+    return list(seen.values())
 
 
 def diagnose(cfg: Any) -> list[Finding]:
@@ -254,10 +275,12 @@ def diagnose(cfg: Any) -> list[Finding]:
         out += check_eos(student, models[1], tuple(cfg.rollout.stop_tokens))
     out += check_generation_config(student, cfg.rollout)
     out += check_dtype(cfg.run)
-    texts = [render(student.tok, p) for p in prompts + (held or [])]
-    lengths = [len(ids) for ids in student.tok(texts, add_special_tokens=False)["input_ids"]]
-    budget = max(cfg.rollout.max_new_tokens, (cfg.eval.max_new_tokens or 0) if cfg.eval.enabled else 0)
-    out += check_positions(models, lengths, budget)
+    texts = [(f"prompt {i}", render(student.tok, p)) for i, p in enumerate(_unique(prompts))]
+    texts += [(f"held-out prompt {i}", render(student.tok, p)) for i, p in enumerate(held or [])]
+    budget, key = cfg.rollout.max_new_tokens, "rollout.max_new_tokens"
+    if cfg.eval.enabled and (cfg.eval.max_new_tokens or 0) > budget:
+        budget, key = cfg.eval.max_new_tokens, "eval.max_new_tokens"
+    out += check_positions(models, student.tok, texts, budget, key)
     return out
 
 
@@ -268,7 +291,7 @@ def preflight(cfg: Any, report: bool = True) -> list[Finding]:
     errors = [f for f in findings if f.level == "error"]
     if errors:
         more = f" ({len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ConfigError(errors[0].line().replace("\n", " ") + f"{more}; `opd doctor` shows every check")
+        raise errors[0].kind(errors[0].line().replace("\n", " ") + f"{more}; `opd doctor` shows every check")
     if report:
         for f in findings:
             if f.level == "warning":

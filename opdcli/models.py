@@ -55,6 +55,8 @@ def resolve_model_path(name: str) -> str:
             )
         return str(folder)
     path = Path(name).expanduser()
+    if path.is_file() and path.name == "latest":  # a run's checkpoints/latest names its newest step
+        path = path.parent / path.read_text(encoding="utf-8").strip()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(
@@ -189,9 +191,12 @@ def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
 def load_configured_pair(m: ModelConfig, run_device: str, run_dtype: str, load_teacher: bool = True,
                          teacher_files: bool = True) -> LoadedPair:
     """load_pair with the model config's student, teacher and loading options."""
-    return load_pair(m.student, m.teacher, run_device, run_dtype, trust_remote_code=m.trust_remote_code,
+    pair = load_pair(m.student, m.teacher, run_device, run_dtype, trust_remote_code=m.trust_remote_code,
                      attn_implementation=m.attn_implementation, load_teacher=load_teacher,
                      teacher_files=teacher_files)
+    if m.gradient_checkpointing:
+        pair.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return pair
 
 
 def load_reference(name: str | None, pair: LoadedPair, m: ModelConfig) -> Any:

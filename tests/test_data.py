@@ -98,3 +98,20 @@ def test_missing_file_and_binary_garbage(tmp_path):
     bad_pq.write_bytes(b"not parquet")
     with pytest.raises(DataError, match="cannot read parquet"):
         read_rows(str(bad_pq), "train")
+
+
+def test_dotted_fields_reach_into_nested_records(tmp_path):
+    """DAPO-Math-17k keeps its answer at reward_model.ground_truth and its prompt as messages."""
+    rows = [{"prompt": [{"role": "user", "content": "1+1?"}], "reward_model": {"ground_truth": "2", "style": "rule"},
+             "extra_info": {"index": "x1"}},
+            {"prompt": [{"role": "user", "content": "2+3?"}], "reward_model": {"ground_truth": 5}}]
+    path = tmp_path / "dapo.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = PromptSource(DataConfig(source=str(path), answer_field="reward_model.ground_truth"), seed=0).next_batch(2)
+    assert sorted(p.answer for p in got) == ["2", "5"]
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text(json.dumps({"q": {"text": "3*3?"}, "answer": "9"}) + "\n")
+    (p,) = PromptSource(DataConfig(source=str(nested), prompt_field="q.text"), seed=0).next_batch(1)
+    assert p.messages == ({"role": "user", "content": "3*3?"},)
+    with pytest.raises(DataError, match="has no field 'q.missing'"):
+        PromptSource(DataConfig(source=str(nested), prompt_field="q.missing"), seed=0)

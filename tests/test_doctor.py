@@ -138,8 +138,8 @@ def test_generation_defaults_the_run_overrides_are_named(tmp_path):
 def test_context_dtype_and_widths():
     long = diagnose(_cfg("toy:student", "toy:teacher", "rollout.max_new_tokens=1000"))
     ctx = [f for f in long if f.check == "context"]
-    assert [f.level for f in ctx] == ["error", "error"]  # student and teacher
-    assert all("has 1024 positions" in f.detail and "rollout.max_new_tokens" in f.fix for f in ctx)
+    assert [f.level for f in ctx] == ["error"]
+    assert all("context of 1024 positions" in f.detail and "rollout.max_new_tokens" in f.fix for f in ctx)
     half = diagnose(_cfg("toy:student", "toy:teacher", "run.device=cpu", "run.dtype=float16"))
     assert _levels(half, "dtype") == ["warning"]
 
@@ -158,4 +158,4 @@ def test_a_padded_teacher_is_fine_and_said_so(tmp_path):
 def test_doctor_exits_2_on_an_error(tmp_path):
     result = CliRunner().invoke(app, ["doctor", "--set", "rollout.max_new_tokens=1000"])
     assert result.exit_code == 2
-    assert "error: 2 check(s) found what makes OPD wrong" in result.output and "Traceback" not in result.output
+    assert "error: 1 check(s) found what makes OPD wrong" in result.output and "Traceback" not in result.output

@@ -110,3 +110,45 @@ def test_a_head_narrower_than_its_tokenizer_is_refused(tmp_path):
     tok.save_pretrained(tmp_path / "m")
     with pytest.raises(ModelError, match="has 100 output logits but its tokenizer has 102 tokens"):
         load_pair(str(tmp_path / "m"), str(tmp_path / "m"), "cpu", "float32")
+
+
+def test_gradient_checkpointing_trains_the_same_student(tmp_path):
+    """model.gradient_checkpointing recomputes activations in backward: same losses and weights."""
+    from opdcli.loops.train import run_train
+
+    def train(name: str, extra: list[str]):
+        out = tmp_path / name
+        cfg, explicit = C.load_config(C.TrainRunConfig, None, [
+            f"run.out_dir={out}", "train.max_steps=2", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
+            "eval.enabled=false", "train.save_every=0", "rollout.max_new_tokens=24", *extra])
+        run_train(cfg, explicit, argv=["test"])
+        weights = load_file(str(next((out / "checkpoints").glob("step_*")) / "model.safetensors"))
+        return weights, [r["loss/total"] for r in read_metrics(out / "metrics.jsonl") if "loss/total" in r]
+
+    (w0, l0), (w1, l1) = train("plain", []), train("ckpt", ["model.gradient_checkpointing=true"])
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    for name in w0:
+        assert torch.allclose(w0[name], w1[name], atol=1e-6), name
+
+
+def test_gradient_checkpointing_keeps_far_fewer_activations():
+    """With model.gradient_checkpointing the forward saves only each layer's input for backward."""
+    from opdcli.config import ModelConfig
+    from opdcli.models import load_configured_pair
+
+    def saved(on: bool) -> int:
+        model = load_configured_pair(ModelConfig(gradient_checkpointing=on), "cpu", "float32").student
+        count = [0]
+
+        def pack(t):
+            count[0] += t.numel()
+            return t
+
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=torch.randint(4, 100, (2, 64))).logits.sum()
+        loss.backward()
+        return count[0]
+
+    plain, ckpt = saved(False), saved(True)
+    assert ckpt < plain / 4, (plain, ckpt)

@@ -109,6 +109,8 @@ def _load(cfg: DistillRunConfig, device: str) -> LoadedPair:
     student = load_model(m.student, dev, dtype, trainable=True, trust_remote_code=m.trust_remote_code,
                          attn_implementation=m.attn_implementation)
     tokenizer = load_tokenizer(m.student, m.trust_remote_code)
+    if m.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return LoadedPair(fit_vocab(student, len(tokenizer), m.student), None, tokenizer, dev, dtype)
 
 
