@@ -46,6 +46,7 @@ class HFGenerator:
 
         from opdcli.engines.hf_sampler import HFSampler, decode_responses
         from opdcli.engines.types import SamplingParams
+        from opdcli.run.progress import work_bar
 
         if params.min_p > 0:
             raise ConfigError(f"the hf generator does not implement min-p (got {params.min_p}); use --min-p 0 "
@@ -54,7 +55,8 @@ class HFGenerator:
         sp = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                             top_k=params.top_k, max_new_tokens=params.max_tokens, batch_size=self.batch_size)
         gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        batch = HFSampler(self.model, self.tokenizer, generator=gen).sample(texts, sp)
+        with work_bar(len(texts) * params.n, f"generating ({self.model_name})") as bar:
+            batch = HFSampler(self.model, self.tokenizer, generator=gen).sample(texts, sp, on_block=bar.advance)
         responses = decode_responses(self.tokenizer, batch)
         lengths = batch.response_mask_B_T.sum(-1).tolist()
         finished = batch.finished_B.tolist()

@@ -200,11 +200,12 @@ def check_context(model, prompt_texts: list[str], max_new_tokens: int, lengths_P
 
 def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
            generator: torch.Generator | None = None, stop: StopFactory | None = None,
-           shard: RowShard | None = None) -> RolloutBatch:
+           shard: RowShard | None = None, on_block: Callable[[int, int], None] | None = None) -> RolloutBatch:
     """Sample `params.n` responses per prompt text (already chat-rendered).
 
     With `shard`, `prompt_texts` are the whole batch's prompts and only rows
-    [shard.start, shard.stop) of the n-fold expanded batch are decoded here.
+    [shard.start, shard.stop) of the n-fold expanded batch are decoded here. `on_block(rows,
+    tokens)` is called after each decode block (a progress bar).
     """
     device = next(model.parameters()).device
     check_context(model, prompt_texts, params.max_new_tokens)
@@ -235,6 +236,8 @@ def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
             blk = _sample_block(model, ids_B_P[rows], am_B_P[rows], params, eos, pad_id, noise, stop)
             blocks.append(blk)
             steps = blk[0].shape[1]
+            if on_block is not None:
+                on_block(hi - lo, int(blk[2].sum()))
         width = reduce_max(steps)  # the longest row of this block on any process
         if params.temperature != 0:
             noise.advance_to(width)
@@ -372,7 +375,8 @@ class HFSampler:
         self.version = version
 
     def sample(self, prompt_texts_P: list[str], params: SamplingParams, *,
-               control: GenerationControl | None = None, shard: RowShard | None = None) -> RolloutBatch:
+               control: GenerationControl | None = None, shard: RowShard | None = None,
+               on_block: Callable[[int, int], None] | None = None) -> RolloutBatch:
         if control is not None:
             params = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                     top_k=params.top_k, max_new_tokens=control.max_new_tokens,
@@ -388,7 +392,7 @@ class HFSampler:
                 return followers[-1]
 
         batch = sample(self.model, self.tokenizer, prompt_texts_P, params, generator=self.generator,
-                       stop=factory, shard=shard)
+                       stop=factory, shard=shard, on_block=on_block)
         stopped = torch.cat([f.state.stopped_B for f in followers]) if followers else None
         return dataclasses.replace(batch, version_B=torch.full_like(batch.version_B, self.version), stopped_B=stopped,
                                    follower_tokens=sum(f.scored_tokens for f in followers))

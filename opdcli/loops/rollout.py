@@ -31,6 +31,7 @@ from opdcli.config import TrainRunConfig, flatten_keys, parse_overrides
 from opdcli.doctor import preflight
 from opdcli.errors import ConfigError
 from opdcli.records import MAX_TOPK, RolloutWriter
+from opdcli.run.progress import work_bar
 
 UNUSED_PREFIXES = ("optim.", "train.", "eval.")
 UNUSED_KEYS = ("run.out_dir", "run.resume", "run.overwrite")
@@ -161,8 +162,11 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     with _open_out(out) as writer:
         renumber = _Renumber(writer)
         size = cfg.rollout.prompts_per_step
-        for a in range(0, len(prompts), size):
-            tokens += _batch(cfg, parts, method, prompts[a:a + size], renumber, run_id, stages)
+        with work_bar(len(prompts), "opd rollout (prompts)") as bar:
+            for a in range(0, len(prompts), size):
+                got = _batch(cfg, parts, method, prompts[a:a + size], renumber, run_id, stages)
+                tokens += got
+                bar.advance(len(prompts[a:a + size]), got)
     return RolloutResult(str(out), renumber.count, tokens, cfg.scoring.top_k, time.perf_counter() - start)
 
 

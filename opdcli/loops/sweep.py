@@ -142,20 +142,23 @@ def run_sweep(path: Path, argv: list[str], *, train: Callable[..., Any], skip_do
             cfg, explicit = load_config(TrainRunConfig, sweep.base, run_overrides(sweep, method, seed))
             plans.append((method, seed, cfg, explicit))
     rows = []
-    for method, seed, cfg, explicit in plans:
+    say = echo if echo is not None else (lambda text: None)
+    for i, (method, seed, cfg, explicit) in enumerate(plans, 1):
         row = {"method": method.label or method.name, "seed": seed}
         done = finished_row(cfg) if skip_done else None
         if done is not None:
-            if echo is not None:
-                echo(f"{row['method']} seed {seed}: finished in {cfg.run.out_dir}, reused (--skip-done)")
+            say(f"[{i}/{len(plans)}] {row['method']} seed {seed}: finished in {cfg.run.out_dir}, reused (--skip-done)")
             rows.append(row | done)
             continue
+        say(f"[{i}/{len(plans)}] {row['method']} seed {seed}: training -> {cfg.run.out_dir}")
         (Path(cfg.run.out_dir) / ROW_FILE).unlink(missing_ok=True)  # a rerun must not leave a stale row
         start = time.perf_counter()
         result = train(cfg, explicit, argv=argv)
         summary = summarize_run(Path(result.run_dir), time.perf_counter() - start)
         (Path(result.run_dir) / ROW_FILE).write_text(json.dumps(summary) + "\n", encoding="utf-8")
         rows.append(row | summary)
+        say(f"[{i}/{len(plans)}] {row['method']} seed {seed}: held-out accuracy {100 * summary['acc_before']:.1f}% -> "
+            f"{100 * summary['acc_after']:.1f}% in {summary['wall_s']:.0f} s")
     write_table(rows, Path(sweep.out_dir))
     return rows
 
