@@ -110,7 +110,10 @@ def test_a_vllm_teacher_is_checked_but_not_loaded(tiny_dirs, tmp_path):
     wide = tmp_path / "wide"
     shutil.copytree(tiny_dirs["teacher"], wide)
     cfg = json.loads((wide / "config.json").read_text())
-    cfg["vocab_size"] += 7
+    cfg["vocab_size"] += 7  # a padded head: the same vocabulary
     (wide / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelError, match="output logits"):
+    load_pair(str(tiny_dirs["student"]), str(wide), "cpu", "float32", load_teacher=False)
+    cfg["vocab_size"] -= 14  # narrower than the tokenizer: ids it cannot score
+    (wide / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="output logits but its tokenizer has"):
         load_pair(str(tiny_dirs["student"]), str(wide), "cpu", "float32", load_teacher=False)
