@@ -31,6 +31,8 @@ def build_options(args: dict[str, Any]) -> Any:
 
     if args["harness"] not in ("native", "lm-eval"):
         raise ConfigError(f"--harness '{args['harness']}' is not one of native, lm-eval")
+    if args.get("include_path") and args["harness"] != "lm-eval":
+        raise ConfigError("--include-path adds lm-eval tasks; it needs --harness lm-eval")
     sampling = {k: args[k] for k in SAMPLING_FLAGS if args.get(k) is not None}
     score = ScoreConfig(timeout=args["score_timeout"], workers=args["workers"],
                         allow_unsafe_code=bool(args.get("allow_unsafe_code")))
@@ -41,6 +43,7 @@ def build_options(args: dict[str, Any]) -> Any:
         bench_options={k: args[k] for k in BENCH_FLAGS if args.get(k) is not None},
         device=args["device"], dtype=args["dtype"], batch_size=args["batch_size"],
         max_model_len=args["max_model_len"], score=score, argv=list(args.get("argv") or []),
+        include_path=str(args["include_path"]) if args.get("include_path") else None,
     )
 
 

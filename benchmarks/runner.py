@@ -45,6 +45,8 @@ class EvalOptions:
     dtype: str = "auto"
     batch_size: int = 64
     max_model_len: int | None = None
+    include_path: str | None = None
+    """--harness lm-eval: a folder of the user's own lm-eval task YAMLs (--bench names one)."""
     score: ScoreConfig = field(default_factory=ScoreConfig)
     argv: list[str] = field(default_factory=list)
 

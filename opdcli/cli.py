@@ -191,6 +191,7 @@ def eval_(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model folder, hub id, or toy:teacher / toy:student.")] = None,
     generator: Annotated[str, typer.Option("--generator", "--backend", help="hf, vllm or replay.")] = "hf",
     harness: Annotated[str, typer.Option(help="native (default) or lm-eval.")] = "native",
+    include_path: Annotated[Path | None, typer.Option(help="--harness lm-eval: a folder of your own lm-eval task YAMLs; --bench names one.")] = None,
     list_: Annotated[bool, typer.Option("--list", help="List the benchmarks and exit.")] = False,
     preset: Annotated[str | None, typer.Option(help="Sampling preset: qwen3-thinking, qwen3-nothink, greedy.")] = None,
     n: Annotated[int | None, typer.Option("--n", "-n", help="Samples per problem (k).")] = None,

