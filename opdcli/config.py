@@ -271,6 +271,15 @@ class TrainConfig:
     the step (no update; counted as train/skipped_steps)."""
     tensorboard: bool = False
     """Also log to tensorboard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log to Weights & Biases: the config, every metrics row and the rollout samples as a
+    table (pip install 'opd[tracking]'; WANDB_MODE=offline logs locally for a later wandb sync)."""
+    trackio: bool = False
+    """Also log to trackio, a local-first tracker with the same API (pip install 'opd[tracking]')."""
+    tracking_project: str = "opd"
+    """Project of the wandb / trackio run."""
+    tracking_name: str | None = None
+    """Run name in the trackers (default: the run directory's name)."""
     mode: Literal["sync", "async"] = "sync"
     """sync: sample then train each step; async: Ray rollout workers sample while the learner trains."""
 

@@ -249,6 +249,8 @@ class RolloutWriter:
         self.fsync_every = fsync_every
         self._count = 0
         self._since_sync = 0
+        self.listeners: list[Any] = []
+        """Called with each record (its JSON object) once it is written (experiment trackers)."""
         created = not os.path.exists(self.path)
         try:
             self._repair_tail()
@@ -311,6 +313,8 @@ class RolloutWriter:
         self._file.flush()
         self._count += 1
         self._since_sync += 1
+        for listener in self.listeners:
+            listener(obj)
         if self.fsync_every and self._since_sync >= self.fsync_every:
             os.fsync(self._file.fileno())
             self._since_sync = 0

@@ -28,6 +28,7 @@ from opdcli.records import RolloutWriter
 from opdcli.run.checkpoint import TrainState, load_trainer_state, resolve_resume, save_checkpoint
 from opdcli.run.progress import console
 from opdcli.run.rundir import check_resume_config, cut_to_step, lock_run_dir
+from opdcli.run.trackers import open_trackers
 from opdcli.run.tracking import MetricsLogger, timed
 
 STALL_STEPS = 10
@@ -209,8 +210,10 @@ def open_run(cfg: Any, argv: list[str], d: Dist, *, eval_model: Any, tokenizer: 
                    "device": str(device), "dtype": str(dtype), "world_size": d.world,
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
+            metrics = MetricsLogger(run_dir, cfg.train.tensorboard, open_trackers(cfg, run_dir))
             rollouts = RolloutWriter(run_dir / "rollouts.jsonl") if write_rollouts else None
-            metrics = MetricsLogger(run_dir, cfg.train.tensorboard)
+            if rollouts is not None and metrics.trackers:
+                rollouts.listeners.append(metrics.sample)
         generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
         if state.generator is not None:
             generator.set_state(state.generator)

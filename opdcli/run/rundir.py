@@ -25,7 +25,8 @@ from opdcli.errors import ConfigError
 LOCK = ".opd.lock"
 FREE_TO_CHANGE = ("run.resume", "run.overwrite", "run.out_dir", "run.threads", "run.allow_config_change",
                   "run.device", "run.ray_address", "train.max_steps", "train.save_every", "train.keep_checkpoints",
-                  "train.rollouts_every", "train.rollouts_topk", "train.tensorboard", "eval.",
+                  "train.rollouts_every", "train.rollouts_topk", "train.tensorboard", "train.wandb", "train.trackio", "train.tracking_",
+                  "eval.",
                   "asynchronous.workers", "asynchronous.buffer", "asynchronous.worker_threads",
                   "asynchronous.worker_gpus", "asynchronous.max_restarts", "scoring.batch_size",
                   "scoring.chunk_tokens", "rollout.batch_size")

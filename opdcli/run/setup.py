@@ -17,6 +17,7 @@ from opdcli.engines.vllm_scorer import check_teacher_engine
 from opdcli.methods import Method, build_method
 from opdcli.models import LoadedPair, load_configured_pair, load_reference, load_weights
 from opdcli.run.context import RunContext, open_run, resume_point, setup_process
+from opdcli.run.trackers import check_trackers
 from opdcli.stages import student_from_train
 from opdcli.validate import check_sampler
 
@@ -46,6 +47,7 @@ def prepare_training(cfg: Any, argv: list[str], d: dist.Dist, sampler: Any,
     student_from_train(cfg, method)  # scoring.student_scores=train_forward where it cannot act: refused now
     check_engine(cfg, cfg.model.student, "student")
     preflight(cfg, report=d.is_main)  # the pair's tokenizers, templates, EOS, context: `opd doctor`
+    check_trackers(cfg.train)  # train.wandb / trackio without their package: refused before models load
     source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
     heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
     ckpt = resume_point(cfg)

@@ -1,4 +1,6 @@
-"""Metric sinks: metrics.jsonl always, tensorboard on request; plus phase timers.
+"""Metric sinks: metrics.jsonl always, tensorboard / wandb / trackio on request (train.tensorboard,
+train.wandb, train.trackio: `opdcli.run.trackers`);
+plus phase timers.
 
 One JSON object per logged step with namespaced keys (`progress/step`, `optim/lr`,
 `time/sample`, `loss/...`, `signal/...`, `method/<name>/...`, `eval/<bench>/...`).
@@ -13,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from opdcli.errors import ConfigError
 from opdcli.records.io import repair_jsonl_tail
@@ -31,7 +34,8 @@ def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
 class MetricsLogger:
     """Append metrics to run_dir/metrics.jsonl (flushed per line) and optionally tensorboard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = False, trackers: list[Any] | None = None) -> None:
+        self.trackers = list(trackers or [])
         self.path = run_dir / "metrics.jsonl"
         repair_jsonl_tail(self.path, "metrics row")  # a killed run's half-written last row
         self._fh = self.path.open("a", encoding="utf-8")
@@ -56,9 +60,18 @@ class MetricsLogger:
             for key, value in row.items():
                 if value is not None and key != "progress/step":
                     self._tb.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.log(step, row)
+
+    def sample(self, record: dict[str, Any]) -> None:
+        """A rollout record just written: the trackers log it with the next metrics row."""
+        for tracker in self.trackers:
+            tracker.sample(record)
 
     def close(self) -> None:
         self._fh.close()
+        for tracker in self.trackers:
+            tracker.close()
         if self._tb is not None:
             self._tb.close()
 
