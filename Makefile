@@ -19,7 +19,7 @@ VLLM_ENV  := OPD_REQUIRE_VLLM=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACH
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e ".[dev,eval,async,tracking]"
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e ".[dev,eval,async,tracking,lora]"
 	touch $@
 
 install: $(BIN)/.installed

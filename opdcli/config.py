@@ -50,6 +50,24 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA student: only low-rank adapters train (r 0: full fine-tuning)."""
+
+    r: int = 0
+    """Adapter rank; 0 trains every weight of the student."""
+    alpha: float = 16.0
+    """Scale numerator: the update is (alpha / r) B A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    """Module names to adapt (Qwen3 / Llama naming)."""
+    merge: bool = False
+    """Checkpoints also hold the merged weights, a plain model folder in step_N/merged (the
+    adapter alone is loaded on its base by `opd eval --model step_N` and by PEFT)."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Student, teacher and optional reference models: hub names or local folders."""
 
@@ -64,6 +82,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute the student's decoder-layer activations in backward instead of keeping them
     (long responses: activations of a 12k-token sequence would not fit otherwise)."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """LoRA adapters instead of full fine-tuning (model.lora.r > 0)."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from opdcli.config import ModelConfig
 from opdcli.errors import ConfigError, ModelError
 from opdcli.lm import set_vocab
+from opdcli.lora import adapter_base, apply_lora, load_adapter, lora_config, merge_adapter
 
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -58,6 +59,8 @@ def resolve_model_path(name: str) -> str:
     if path.is_file() and path.name == "latest":  # a run's checkpoints/latest names its newest step
         path = path.parent / path.read_text(encoding="utf-8").strip()
     if path.exists():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            return str(path)  # a LoRA adapter folder: load_model merges it into its base
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"model folder '{name}' has no config.json; pass a folder written by save_pretrained"
@@ -102,11 +105,16 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
+    adapter = None
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        adapter, path = Path(path), resolve_model_path(adapter_base(Path(path)))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
         )
+        if adapter is not None:
+            model = merge_adapter(model, adapter)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model '{name}': {_first_line(exc)}") from None
     except SafetensorError as exc:
@@ -194,9 +202,17 @@ def load_configured_pair(m: ModelConfig, run_device: str, run_dtype: str, load_t
     pair = load_pair(m.student, m.teacher, run_device, run_dtype, trust_remote_code=m.trust_remote_code,
                      attn_implementation=m.attn_implementation, load_teacher=load_teacher,
                      teacher_files=teacher_files)
-    if m.gradient_checkpointing:
-        pair.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_student(pair.student, m)
     return pair
+
+
+def prepare_student(student: Any, m: ModelConfig) -> Any:
+    """The model config's training options on a loaded student: activation checkpointing, LoRA."""
+    if m.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.lora.r > 0:
+        apply_lora(student, m.lora, resolve_model_path(m.student))
+    return student
 
 
 def load_reference(name: str | None, pair: LoadedPair, m: ModelConfig) -> Any:
@@ -210,6 +226,15 @@ def load_reference(name: str | None, pair: LoadedPair, m: ModelConfig) -> Any:
 
 
 def load_weights(model: Any, folder: str | Path) -> None:
-    """Copy a checkpoint folder's weights into `model` (resume), before any sharding."""
+    """Copy a checkpoint folder's weights into `model` (resume), before any sharding; a LoRA
+    student takes the checkpoint's adapter."""
+    if lora_config(model) is not None:
+        if not (Path(folder) / "adapter_model.safetensors").is_file():
+            raise ModelError(f"{folder} holds no LoRA adapter but model.lora.r is set; resume with the "
+                             "model.lora settings the run was started with")
+        load_adapter(model, Path(folder))
+        return
+    if (Path(folder) / "adapter_model.safetensors").is_file():
+        raise ModelError(f"{folder} holds a LoRA adapter; resume with the run's model.lora settings")
     loaded = load_model(str(folder), next(model.parameters()).device, next(model.parameters()).dtype)
     model.load_state_dict(loaded.state_dict())

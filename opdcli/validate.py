@@ -84,7 +84,24 @@ def _check_nccl(cfg: Any) -> None:
                           "asynchronous.worker_gpus=1")
 
 
+def _check_lora(cfg: Any, explicit: set[str]) -> None:
+    lora = cfg.model.lora
+    if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1 or not lora.target_modules:
+        raise ConfigError("model.lora needs r >= 0, alpha > 0, dropout in [0, 1) and at least one target module")
+    if lora.r == 0:
+        _refuse(explicit, [k for k in explicit if k.startswith("model.lora.") and k != "model.lora.r"],
+                "model.lora.r is 0 (full fine-tuning); set model.lora.r > 0 for adapters")
+        return
+    if cfg.rollout.engine == "vllm":
+        raise ConfigError("model.lora with rollout.engine=vllm: the engine takes merged weights, which a LoRA "
+                          "student does not push yet; use rollout.engine=hf")
+    if getattr(getattr(cfg, "train", None), "mode", "sync") != "sync":
+        raise ConfigError("model.lora with train.mode=async: rollout workers take full weights, which a LoRA "
+                          "student does not send yet; use train.mode=sync")
+
+
 def validate_common(cfg: Any, explicit: set[str]) -> None:
+    _check_lora(cfg, explicit)
     r = cfg.rollout
     for key, value in (("rollout.prompts_per_step", r.prompts_per_step), ("rollout.samples_per_prompt",
                        r.samples_per_prompt), ("rollout.max_new_tokens", r.max_new_tokens),

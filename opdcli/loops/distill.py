@@ -34,6 +34,7 @@ from opdcli.models import (
     load_model,
     load_tokenizer,
     load_weights,
+    prepare_student,
     resolve_device,
     resolve_dtype,
 )
@@ -109,9 +110,7 @@ def _load(cfg: DistillRunConfig, device: str) -> LoadedPair:
     student = load_model(m.student, dev, dtype, trainable=True, trust_remote_code=m.trust_remote_code,
                          attn_implementation=m.attn_implementation)
     tokenizer = load_tokenizer(m.student, m.trust_remote_code)
-    if m.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return LoadedPair(fit_vocab(student, len(tokenizer), m.student), None, tokenizer, dev, dtype)
+    return LoadedPair(prepare_student(fit_vocab(student, len(tokenizer), m.student), m), None, tokenizer, dev, dtype)
 
 
 def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | None = None) -> RunResult:

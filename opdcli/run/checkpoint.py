@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 
 from opdcli.errors import CheckpointError
+from opdcli.lora import lora_config, save_lora
 
 STATE_FILE = "trainer_state.pt"
 
@@ -45,7 +46,8 @@ class TrainState:
 
 
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict[str, Any], state: TrainState,
-                    keep: int, final: bool = False, weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    keep: int, final: bool = False, weights: dict[str, torch.Tensor] | None = None,
+                    merge: bool = False) -> Path:
     """Write checkpoints/step_N (main rank only), never losing a complete checkpoint.
 
     The new checkpoint is written in full under .tmp_step_N and only then moved into place; a
@@ -57,6 +59,7 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict[str, 
         model: a transformers model (its config and, unless `weights` is given, its weights).
         optimizer_state: the full optimizer state (opdcli.learner.Learner.checkpoint_state).
         weights: a full state dict gathered from a sharded student, or None.
+        merge: a LoRA student's checkpoint also holds its merged weights (model.lora.merge).
     """
     root = run_dir / "checkpoints"
     out = root / f"step_{state.step}"
@@ -64,7 +67,12 @@ def save_checkpoint(run_dir: Path, model, tokenizer, optimizer_state: dict[str, 
     try:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=weights)
+        if lora_config(model) is not None:  # the adapter (and, on request, the merged model)
+            save_lora(tmp, model, weights, merge)
+            if merge:
+                tokenizer.save_pretrained(tmp / "merged")
+        else:
+            model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         torch.save({"state": state.state_dict(), "optimizer": optimizer_state,
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
@@ -113,9 +121,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def is_complete(folder: Path) -> bool:
-    """A checkpoint folder with its trainer state, weights and config."""
+    """A checkpoint folder with its trainer state, and weights with their config (or a LoRA adapter)."""
     weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
-    return folder.is_dir() and (folder / STATE_FILE).is_file() and (folder / "config.json").is_file() and weights
+    adapter = (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_config.json").is_file()
+    model = (folder / "config.json").is_file() and weights
+    return folder.is_dir() and (folder / STATE_FILE).is_file() and (model or adapter)
 
 
 def newest_complete(root: Path) -> Path | None:

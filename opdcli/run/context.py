@@ -142,7 +142,8 @@ class RunContext:
         self.state.method = method.state_dict() if method is not None else {}
         self.state.generator = self.generator.get_state()
         return save_checkpoint(self.run_dir, self.eval_model, self.tokenizer, optimizer_state, self.state,
-                               keep=self.cfg.train.keep_checkpoints, final=final, weights=weights)
+                               keep=self.cfg.train.keep_checkpoints, final=final, weights=weights,
+                               merge=self.cfg.model.lora.merge)
 
     def interrupted(self, learner: Any, method: Any) -> None:
         """Ctrl-C / SIGTERM: checkpoint the steps done since the last save and say how to resume."""
