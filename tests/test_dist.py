@@ -90,3 +90,23 @@ def test_two_rank_checkpoint_loads_and_resumes(runs):
     resumed = _weights(runs / "resumed/checkpoints/step_5")
     assert max(float((resumed[k] - w[k]).abs().max()) for k in w) <= 1e-6
     assert sorted(_metrics(runs / "resumed")) == [4, 5]
+
+
+def test_a_lora_student_on_two_ranks_matches_one_process(tmp_path):
+    """model.lora under torchrun + FSDP2: the same losses and the same saved adapter as one process."""
+    from safetensors.torch import load_file
+
+    pytest.importorskip("peft")
+    args = ["--set", "train.max_steps=3", "--set", "rollout.prompts_per_step=4", "--set", "eval.enabled=false",
+            "--set", "rollout.max_new_tokens=16", "--set", "model.lora.r=4", "--set", "model.lora.merge=true",
+            "--set", "optim.lr=5e-3"]
+    for name, ranks in (("one", 1), ("two", 2)):
+        _run([*args, "--set", f"run.out_dir={tmp_path / name}"], ranks)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    for step in (1, 2, 3):
+        assert abs(one[step]["loss/total"] - two[step]["loss/total"]) <= 1e-5, step
+    a, b = (load_file(str(tmp_path / n / "checkpoints/step_3/adapter_model.safetensors")) for n in ("one", "two"))
+    assert sorted(a) == sorted(b) and a
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    m1, m2 = (load_file(str(tmp_path / n / "checkpoints/step_3/merged/model.safetensors")) for n in ("one", "two"))
+    assert sorted(m1) == sorted(m2) and max(float((m1[k] - m2[k]).abs().max()) for k in m1) <= 1e-5
