@@ -36,7 +36,10 @@ methods:
     f.write_text(f.read_text().replace("options: {length: 5}", "options: {length: 4}"))
     seen = []
     again = run_sweep(f, ["test"], train=run_train, skip_done=True, echo=seen.append)
-    assert len(seen) == 2 and all("opd seed" in s and "reused" in s for s in seen)
+    reused = [s for s in seen if "reused" in s]
+    assert len(reused) == 2 and all("opd seed" in s for s in reused)
+    # the changed runs train again, each announced before and after, numbered out of the whole sweep
+    assert [s.split(":")[0] for s in seen if "reused" not in s] == ["[3/4] prefix seed 0"] * 2 + ["[4/4] prefix seed 1"] * 2
     for r in again:
         if r["method"] == "opd":
             assert r == first[("opd", r["seed"])]
