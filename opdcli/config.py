@@ -235,6 +235,9 @@ class LossConfig:
     """PPO clip below 1."""
     clip_high: float = 0.2
     """PPO clip above 1."""
+    dual_clip: float | None = 3.0
+    """Dual clip c > 1 of loss.surrogate=ppo: the loss of a negative-advantage token is at most
+    -c * A (verl's default 3.0); null disables it."""
     topk_weight: Literal["student_p", "teacher_p", "none"] = "student_p"
     """Candidate weights of the top-K objective."""
     support: Literal["full", "student_topk", "teacher_topk"] = "full"

@@ -169,7 +169,7 @@ def objective_loss(student, batch: RolloutBatch, scored: ScoredBatch, weights_B_
             return with_penalty(losses.sampled_token_loss(
                 lp_B_T, scored.behavior_lp_B_T, adv_B_T, mask_B_T, weights_B_T,
                 surrogate=cfg.surrogate, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                normalizer=normalizer), lp_B_T)
+                dual_clip=cfg.dual_clip, normalizer=normalizer), lp_B_T)
         if cfg.objective == "topk":
             assert collect is None, "the top-K objective reads the student's scores before training"
             st = token_stats(hidden_B_T_H, head, batch.response_ids_B_T, 1, chunk_tokens,

@@ -25,7 +25,7 @@ def validate_train_config(cfg: TrainRunConfig, explicit: set[str]) -> None:
         raise ConfigError(f"train.rollouts_topk ({cfg.train.rollouts_topk}) exceeds scoring.top_k "
                           f"({cfg.scoring.top_k}); lower it or raise scoring.top_k")
     if obj in FULL_DISTRIBUTION:
-        _refuse(explicit, ["loss.surrogate", "loss.clip_low", "loss.clip_high", "loss.kl_coef",
+        _refuse(explicit, ["loss.surrogate", "loss.clip_low", "loss.clip_high", "loss.dual_clip", "loss.kl_coef",
                            "loss.discount", "loss.topk_weight"],
                 f"loss.objective={obj} is differentiated analytically, not by a policy gradient")
     else:
@@ -34,12 +34,14 @@ def validate_train_config(cfg: TrainRunConfig, explicit: set[str]) -> None:
     if obj != "jsd":
         _refuse(explicit, ["loss.beta", "loss.jsd_temperature"], "only loss.objective=jsd uses it")
     if obj == "topk":
-        _refuse(explicit, ["loss.kl_coef", "loss.discount", "loss.surrogate"],
+        _refuse(explicit, ["loss.kl_coef", "loss.discount", "loss.surrogate", "loss.dual_clip"],
                 "the top-K objective builds its own per-candidate advantages with a PPO clip")
     if obj == "sampled":
         _refuse(explicit, ["loss.topk_weight"], "only loss.objective=topk weighs candidates")
         if cfg.loss.surrogate != "ppo":
-            _refuse(explicit, ["loss.clip_low", "loss.clip_high"], "only loss.surrogate=ppo clips")
+            _refuse(explicit, ["loss.clip_low", "loss.clip_high", "loss.dual_clip"], "only loss.surrogate=ppo clips")
+        elif cfg.loss.dual_clip is not None and not cfg.loss.dual_clip > 1.0:
+            raise ConfigError(f"loss.dual_clip is {cfg.loss.dual_clip}; it must be > 1, or null to disable it")
     if cfg.loss.support == "full":
         _refuse(explicit, ["loss.support_k", "loss.tail_bucket"], "loss.support=full has no top-K")
     if not 0.0 <= cfg.loss.discount <= 1.0:

@@ -130,7 +130,7 @@ def test_budget_follows_hit_and_patience_rule():
 
 
 def test_max_new_tokens_returns_updated_budget_after_apply():
-    options = {"k": 2, "w_drop": 1.0, "min_len": 2, "max_len": 20, "step": 3, "margin": 0,
+    options = {"k": 2, "w_drop": 1.0, "init_len": 10, "min_len": 2, "max_len": 20, "step": 3, "margin": 0,
                "hit_ratio": 0.5, "patience": 1}
     method = build_method("prune", options, LossConfig())
     assert method.max_new_tokens(10, 0) == 10
@@ -147,6 +147,27 @@ def test_max_new_tokens_returns_updated_budget_after_apply():
     static = build_method("prune", {**options, "budget": False}, LossConfig())
     static.apply(clean, torch.zeros(2, T), 0)
     assert static.max_new_tokens(10, 1) == 10 and static.state_dict() == {}
+
+
+def test_unset_budget_window_takes_the_scripts_proportions_of_max_new_tokens():
+    """The released scripts start at 2048 with min 1024, step and margin 100 under a 12288 cap;
+    unset, the budget window scales the same way to the rollout's max_new_tokens, so it starts
+    below its ceiling and can grow (the authors' function defaults start at the ceiling)."""
+    from opdcli.methods.prune import PruneConfig, budget_window
+
+    assert budget_window(PruneConfig(), 12288) == {"init_len": 2048, "min_len": 1024, "max_len": 12288,
+                                                   "step": 100, "margin": 100}
+    assert budget_window(PruneConfig(), 48) == {"init_len": 8, "min_len": 4, "max_len": 48, "step": 1, "margin": 1}
+    assert budget_window(PruneConfig(max_len=600, step=7), 48) == {"init_len": 100, "min_len": 50, "max_len": 600,
+                                                                   "step": 7, "margin": 7}
+    assert budget_window(PruneConfig(min_len=30), 48)["init_len"] == 30  # never starts below min_len
+    method = build_method("prune", {"k": 2, "w_drop": 1.0, "hit_ratio": 0.5, "patience": 1}, LossConfig())
+    assert method.max_new_tokens(48, 0) == 8
+    T = 48  # reliable over every generated token
+    clean = _scored(torch.zeros(2, T, dtype=torch.bool), torch.ones(2, T, dtype=torch.bool))
+    for step in range(3):  # a compatible pair: every sample reliable to the budget, which grows
+        method.apply(clean, torch.zeros(2, T), step)
+    assert method.max_new_tokens(48, 3) == 11
 
 
 def test_state_dict_round_trip():

@@ -96,9 +96,28 @@ def test_flat_row_keeps_everything_and_masked_row_is_zero(toy_tokenizer):
         sum(out.trajectory_outputs["bic_improvement"]) / 3)
 
 
+def test_uncapped_rescale_keeps_every_rows_mass():
+    """Without a cap (the default) a prefix of 5 of 100 tokens carries weight 20 each: the row's
+    mass stays 100; a cap of 8 keeps 40 of it."""
+    from opdcli.methods.release import ReleaseConfig, keep_weights
+
+    assert ReleaseConfig().cap is None
+    assert keep_weights(100, 5, "tokens", None) == (20.0, 5)
+    assert keep_weights(100, 5, "tokens", 8.0) == (8.0, 5)
+    assert keep_weights(100, 50, "tokens", 8.0) == (2.0, 50)
+    assert keep_weights(100, 0, "tokens", None) == (100.0, 0)  # nothing kept: no mass to carry
+
+
 def test_cap_and_no_rescale(toy_tokenizer):
     s = _scored(toy_tokenizer)
-    capped = _method(toy_tokenizer, cap=1.2).apply(s, torch.zeros_like(s.mask_B_T), 0).weights_B_T
+    free = _method(toy_tokenizer).apply(s, torch.zeros_like(s.mask_B_T), 0).metrics
+    assert free["method/release/mass_ratio"] == pytest.approx(1.0) and free["method/release/capped_frac"] == 0
+    out = _method(toy_tokenizer, cap=1.2).apply(s, torch.zeros_like(s.mask_B_T), 0)
+    capped = out.weights_B_T
+    assert out.metrics["method/release/capped_frac"] == pytest.approx(1 / 3)  # the released row
+    valid = float(s.mask_B_T.sum())
+    assert out.metrics["method/release/mass_ratio"] == pytest.approx(float(capped.sum()) / valid)
+    assert out.metrics["method/release/mass_ratio"] < 1
     assert capped.max().item() == pytest.approx(1.2)
     assert torch.allclose(capped[0, :CUT], torch.full((CUT,), 1.2))
     assert capped[0].sum().item() < len(TEXT)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -80,3 +82,34 @@ def test_micro_batch_metrics_add_shares_max_maxima_and_average_means():
     assert one["loss/rkl"] == pytest.approx(2.5) and two["loss/rkl"] == pytest.approx(2.5)
     assert two["loss/total"] == pytest.approx(2.5) and two["loss/ratio_max"] == 4.0
     assert two["loss/ratio_mean"] == pytest.approx((1.5 + 3.5) / 2)
+
+
+def test_loss_dual_clip_reaches_the_objective(tiny_dirs, toy_tokenizer):
+    """loss.dual_clip is the cap the ppo surrogate applies: with the sampler far less likely than
+    the student (ratio e^2) and advantage -1 on every token, ppo's loss per token is rho = e^2;
+    dual clip 3 caps it at 3, and null leaves it at e^2."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from opdcli.config import LossConfig
+    from opdcli.engines.hf_sampler import sample
+    from opdcli.engines.hf_scorer import score_rollouts
+    from opdcli.engines.types import SamplingParams
+    from opdcli.objective import objective_loss
+
+    s = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])
+    t = AutoModelForCausalLM.from_pretrained(tiny_dirs["teacher"]).eval()
+    texts = ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n"] * 2
+    batch = sample(s, toy_tokenizer, texts, SamplingParams(n=2, max_new_tokens=6), generator=torch.Generator().manual_seed(0))
+    sc = score_rollouts(s, t, batch, k=4, chunk_tokens=4, batch_size=8)
+    far = dataclasses.replace(sc, behavior_lp_B_T=sc.student_lp_B_T - 2.0)
+    adv = -torch.ones_like(sc.mask_B_T)
+    n = float(sc.mask_B_T.sum())
+    got = {}
+    for cap in (3.0, 5.0, None):
+        cfg = LossConfig(objective="sampled", surrogate="ppo", dual_clip=cap)
+        got[cap], _ = objective_loss(s, batch, far, sc.mask_B_T, adv, cfg, n, 4)
+    assert float(got[3.0]) == pytest.approx(3.0, rel=1e-4)
+    assert float(got[5.0]) == pytest.approx(5.0, rel=1e-4)
+    assert float(got[None]) == pytest.approx(math.exp(2.0), rel=1e-4)

@@ -22,17 +22,22 @@ Departures from the authors' code:
   omega_t is a per-token loss weight that multiplies whichever base objective is configured
   (for the sampled and topk policy-gradient objectives this is the same as scaling the
   advantage; for the analytic objectives it weights each token's divergence).
-* The budget starts lazily: on the first `max_new_tokens(default, step)` call it becomes
-  `init_len` (or the rollout's `max_new_tokens` when unset), clamped to [min_len, max_len],
-  with max_len defaulting to the rollout's `max_new_tokens`; min_len is lowered to max_len
-  when it exceeds it. If `apply` runs before any budget call, the response width T of the
-  batch stands in for the rollout's `max_new_tokens`.
+* The budget starts lazily: on the first `max_new_tokens(default, step)` call. max_len
+  defaults to the rollout's `max_new_tokens`; unset init_len, min_len, step and margin take the
+  released scripts' proportions of it (init 2048, min 1024, step and margin 100 of a 12288
+  cap): init_len = ceil(max_len / 6), min_len = ceil(max_len / 12), step = margin =
+  max(1, round(max_len / 123)). So the budget starts well below its ceiling and can grow when
+  the pair stays compatible, as in the paper (the function defaults of the authors' code start
+  at the cap, where the budget can only shrink). min_len is lowered to max_len when it exceeds
+  it. If `apply` runs before any budget call, the response width T of the batch stands in for
+  the rollout's `max_new_tokens`.
 * With `budget: false` the rollout keeps its static `max_new_tokens`; the weights and L_eff
   are still computed and logged.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,15 +72,16 @@ class PruneConfig:
     budget: bool = True
     """Adapt the next step's generation budget to the effective reliable length."""
     init_len: int | None = None
-    """Initial budget (None: the rollout's max_new_tokens)."""
-    min_len: int = 16
-    """Smallest budget."""
+    """Initial budget (None: ceil(max_len / 6), the scripts' 2048 of 12288)."""
+    min_len: int | None = None
+    """Smallest budget (None: ceil(max_len / 12), the scripts' 1024 of 12288)."""
     max_len: int | None = None
     """Largest budget (None: the rollout's max_new_tokens)."""
-    step: int = 100
-    """Tokens added or removed per budget change."""
-    margin: int = 100
-    """A sample hits when L_eff >= max(min_len, budget - margin)."""
+    step: int | None = None
+    """Tokens added or removed per budget change (None: max(1, round(max_len / 123)), the
+    scripts' 100 of 12288)."""
+    margin: int | None = None
+    """A sample hits when L_eff >= max(min_len, budget - margin) (None: as step)."""
     hit_ratio: float = 0.1
     """Fraction of hitting samples that grows the budget."""
     patience: int = 3
@@ -124,18 +130,30 @@ class PruneBudget:
         self.length, self.misses = int(state["length"]), int(state["misses"])
 
 
+def budget_window(cfg: PruneConfig, default: int) -> dict[str, int]:
+    """The budget's init_len, min_len, max_len, step and margin, unset ones scaled to max_len
+    (the rollout's max_new_tokens `default` when unset) as in the released scripts."""
+    hi = cfg.max_len if cfg.max_len is not None else default
+    lo = min(cfg.min_len if cfg.min_len is not None else math.ceil(hi / 12), hi)
+    init = cfg.init_len if cfg.init_len is not None else max(lo, math.ceil(hi / 6))
+    step = cfg.step if cfg.step is not None else max(1, round(hi / 123))
+    margin = cfg.margin if cfg.margin is not None else step
+    return {"init_len": init, "min_len": lo, "max_len": hi, "step": step, "margin": margin}
+
+
 def _check_config(cfg: PruneConfig) -> None:
     problems = [
         (cfg.k < 1, f"k is {cfg.k}; it must be at least 1"),
         (not 0.0 <= cfg.theta <= 1.0, f"theta is {cfg.theta}; it must lie in [0, 1]"),
         (cfg.w_drop < 0, f"w_drop is {cfg.w_drop}; it must be >= 0"),
         (cfg.w_base < 0, f"w_base is {cfg.w_base}; it must be >= 0 (weights are never negative)"),
-        (cfg.min_len < 1, f"min_len is {cfg.min_len}; it must be at least 1"),
-        (cfg.max_len is not None and cfg.max_len < cfg.min_len,
+        (cfg.min_len is not None and cfg.min_len < 1, f"min_len is {cfg.min_len}; it must be at least 1"),
+        (cfg.max_len is not None and cfg.max_len < 1, f"max_len is {cfg.max_len}; it must be at least 1"),
+        (cfg.max_len is not None and cfg.min_len is not None and cfg.max_len < cfg.min_len,
          f"max_len is {cfg.max_len}; it must be >= min_len ({cfg.min_len})"),
         (cfg.init_len is not None and cfg.init_len < 1, f"init_len is {cfg.init_len}; it must be at least 1"),
-        (cfg.step < 1, f"step is {cfg.step}; it must be at least 1"),
-        (cfg.margin < 0, f"margin is {cfg.margin}; it must be >= 0"),
+        (cfg.step is not None and cfg.step < 1, f"step is {cfg.step}; it must be at least 1"),
+        (cfg.margin is not None and cfg.margin < 0, f"margin is {cfg.margin}; it must be >= 0"),
         (not 0.0 <= cfg.hit_ratio <= 1.0, f"hit_ratio is {cfg.hit_ratio}; it must lie in [0, 1]"),
         (cfg.patience < 1, f"patience is {cfg.patience}; it must be at least 1"),
     ]
@@ -170,10 +188,9 @@ class PruneOPD(Method):
     def _ensure_budget(self, default: int) -> PruneBudget:
         if self._budget is None:
             c = self.cfg
-            hi = c.max_len if c.max_len is not None else default
-            lo = min(c.min_len, hi)
-            init = c.init_len if c.init_len is not None else default
-            self._budget = PruneBudget(init, lo, hi, c.step, c.margin, c.hit_ratio, c.patience)
+            w = budget_window(c, default)
+            self._budget = PruneBudget(w["init_len"], w["min_len"], w["max_len"], w["step"], w["margin"],
+                                       c.hit_ratio, c.patience)
         return self._budget
 
     def max_new_tokens(self, default: int, step: int) -> int:
@@ -230,6 +247,7 @@ class PruneOPD(Method):
         if not state.get("budget"):
             return
         c, saved = self.cfg, state["budget"]
+        w = budget_window(c, int(saved["max_len"]))
         self._budget = PruneBudget(int(saved["length"]), int(saved["min_len"]), int(saved["max_len"]),
-                                   c.step, c.margin, c.hit_ratio, c.patience)
+                                   w["step"], w["margin"], c.hit_ratio, c.patience)
         self._budget.load_state_dict(saved)

@@ -10,11 +10,12 @@ candidates. Per trajectory, in the paper's five steps:
    (`opdcli.changepoint.profiled_rss_bic`);
 4. if accepted, keep only the tokens before the first released segment;
 5. rescale the kept prefix so it carries the trajectory's original token count:
-   w_t = keep_t * min(cap, T_valid / max(1, sum_t keep_t)).
+   w_t = keep_t * T_valid / max(1, sum_t keep_t), so sum_t w_t = T_valid (capped at `cap`
+   per token only when a cap is set: the mass is then preserved only up to the cap).
 
 Departures from the paper (our choices, methods.md §3.3 and §3.7): K = 16, the probability
 margin, the BIC penalties k0 = 1 / k1 = 3, g_min = 10, tau_min = 2, n_min = 4, the
-token-count rescale and its cap of 8 are not given by the paper. Segmentation uses an
+token-count rescale and its optional cap (none by default) are not given by the paper. Segmentation uses an
 untrained NLTK Punkt tokenizer with a hand abbreviation list plus newline splits (no data
 download), with a regex fallback, instead of NLTK's pretrained model. The weights multiply
 whichever base objective is configured rather than only the sampled-token reverse KL.
@@ -56,8 +57,10 @@ class ReleaseConfig:
     """Responses with fewer segments are never released."""
     rescale: Literal["tokens", "none"] = "tokens"
     """tokens: scale the kept prefix up to the trajectory's valid token count; none: weight 1."""
-    cap: float = 8.0
-    """Largest per-token weight of the token-count rescale."""
+    cap: float | None = None
+    """Largest per-token weight of the token-count rescale (None: uncapped, so every row keeps
+    its token mass exactly; a cap bounds the weight of a short kept prefix and then breaks the
+    mass preservation of that row, counted in method/release/capped_frac)."""
     segmenter: Literal["punkt", "regex"] = "punkt"
     """Sentence splitter: NLTK Punkt (regex fallback without nltk) or the regex splitter."""
 
@@ -69,7 +72,8 @@ def _check_config(cfg: ReleaseConfig) -> None:
         (cfg.tau_min < 1, f"tau_min is {cfg.tau_min}; it must be at least 1"),
         (cfg.n_min < 2 * cfg.tau_min,
          f"n_min is {cfg.n_min}; it must be >= 2 * tau_min ({2 * cfg.tau_min}) for a split to exist"),
-        (cfg.cap < 1.0, f"cap is {cfg.cap}; it must be >= 1 (the rescale factor is never below 1)"),
+        (cfg.cap is not None and cfg.cap < 1.0,
+         f"cap is {cfg.cap}; it must be >= 1 (the rescale factor is never below 1), or null for no cap"),
     ]
     for bad, message in problems:
         if bad:
@@ -90,12 +94,13 @@ def segment_means(margin_T: list[float], segments: list[tuple[int, int]]) -> lis
     return [sum(margin_T[a:b]) / (b - a) for a, b in segments]
 
 
-def keep_weights(t_valid: int, cut: int, rescale: str, cap: float) -> tuple[float, int]:
+def keep_weights(t_valid: int, cut: int, rescale: str, cap: float | None) -> tuple[float, int]:
     """(weight of each kept token, number kept) for a prefix of `cut` of `t_valid` tokens."""
     kept = max(0, min(cut, t_valid))
     if rescale == "none":
         return 1.0, kept
-    return min(cap, t_valid / max(1, kept)), kept
+    factor = t_valid / max(1, kept)
+    return (factor if cap is None else min(cap, factor)), kept
 
 
 @register
@@ -151,7 +156,7 @@ class ReleaseRule(Method):
         traj: dict[str, list[Any]] = {key: [] for key in
                                       ("release_segment", "bic_improvement", "accepted", "cut_token",
                                        "n_segments")}
-        kept_total, valid_total = 0, 0
+        kept_total, valid_total, capped = 0, 0, 0
         ids_B_T, m_cpu_B_T, valid_cpu_B_T = (scored.response_ids_B_T.cpu(), m_B_T.cpu(), valid_B_T.cpu())
         for b in range(valid_B_T.shape[0]):
             pos_T = valid_cpu_B_T[b].nonzero().squeeze(-1)
@@ -159,6 +164,7 @@ class ReleaseRule(Method):
             weight, kept = keep_weights(len(pos_T), cut, c.rescale, c.cap)
             w_B_T[b, pos_T[:kept].to(w_B_T.device)] = weight
             kept_total, valid_total = kept_total + kept, valid_total + len(pos_T)
+            capped += int(kept > 0 and weight * kept < len(pos_T) - 1e-6 and c.rescale == "tokens")
             end = int(pos_T[-1]) + 1 if len(pos_T) else 0
             cut_token = int(pos_T[cut]) if cut < len(pos_T) else end
             for key, value in (("release_segment", cp.release_segment),
@@ -166,7 +172,10 @@ class ReleaseRule(Method):
                                ("accepted", bool(cp.accepted)), ("cut_token", cut_token),
                                ("n_segments", n_seg)):
                 traj[key].append(value)
-        return MethodOutput(weights_B_T=w_B_T.detach(), metrics=self._metrics(traj, kept_total, valid_total),
+        metrics = self._metrics(traj, kept_total, valid_total)
+        metrics[f"method/{self.name}/capped_frac"] = capped / max(1, valid_B_T.shape[0])
+        metrics[f"method/{self.name}/mass_ratio"] = float(w_B_T.sum()) / max(1, valid_total)
+        return MethodOutput(weights_B_T=w_B_T.detach(), metrics=metrics,
                             token_outputs={"margin": m_B_T}, trajectory_outputs=traj)
 
     def _metrics(self, traj: dict[str, list[Any]], kept: int, valid: int) -> dict[str, float]:
