@@ -29,7 +29,7 @@ from opdcli.records import LOGPROB_TOLERANCE, MAX_TOPK, validate_record
 INT_LISTS = ("response_ids", "mask")
 FLOAT_LISTS = ("student_lp", "teacher_lp", "behavior_lp", "ref_lp")
 ID_MATRICES = ("student_topk_ids", "teacher_topk_ids")
-LP_MATRICES = ("student_topk_lp", "teacher_topk_lp", "teacher_lp_on_student_topk")
+LP_MATRICES = ("student_topk_lp", "teacher_topk_lp", "teacher_lp_on_student_topk", "student_lp_on_teacher_topk")
 MATRICES = ID_MATRICES + LP_MATRICES
 REQUIRED_MATRICES = ("student_topk_ids", "teacher_topk_ids", "student_topk_lp", "teacher_topk_lp")
 _TARGETS = frozenset(k.encode() for k in INT_LISTS + FLOAT_LISTS + MATRICES)
@@ -62,6 +62,7 @@ class Rollout:
     trajectory: dict[str, Any]
     token_outputs: dict[str, list]
     memo: dict[str, Any] = field(default_factory=dict)
+    student_lp_on_teacher_topk: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -254,7 +255,8 @@ def _build(obj: dict[str, Any], key: tuple[int, int], mask: np.ndarray,
         token_outputs=_masked_outputs(method.get("token") or {}, keep),
         student_topk_ids=mats.get("student_topk_ids"), teacher_topk_ids=mats.get("teacher_topk_ids"),
         student_topk_lp=mats.get("student_topk_lp"), teacher_topk_lp=mats.get("teacher_topk_lp"),
-        teacher_lp_on_student_topk=mats.get("teacher_lp_on_student_topk"), **lists)
+        teacher_lp_on_student_topk=mats.get("teacher_lp_on_student_topk"),
+        student_lp_on_teacher_topk=mats.get("student_lp_on_teacher_topk"), **lists)
 
 
 def _masked_outputs(token: dict[str, list], keep: np.ndarray | None) -> dict[str, list]:

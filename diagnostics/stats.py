@@ -32,6 +32,8 @@ class Options:
     """TOPD near-future window in tokens."""
     rho: float = 0.2
     """TOPD high-loss fraction (top rho of the sampled-token loss)."""
+    topd_delta: float = 0.1
+    """TOPD divergence threshold in nats (the method's default delta)."""
     sample_size: int = 262144
     """Tokens kept in the uniform token sample used for global quantiles (TOPD)."""
 

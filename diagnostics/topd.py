@@ -4,13 +4,16 @@ The paper's abstract reports that about 30% of high-loss tokens sit in a low-div
 Per scored token, as in `opdcli.methods.topd` (methods.md §5.2, §5.3):
 
     l_t    = student_lp - teacher_lp                         (sampled-token loss)
-    D_t    = sum_v p(v) (log p(v) - log q(v)) over the student's top-K (K = min(16, stored K)),
-             p and q renormalised over those candidates       (top-K truncated reverse KL)
-    Dbar_t = mean of D over the next 8 scored tokens t+1..t+8 (0 at the last token)
-    high   = l_t >= the 80th percentile of l;  low-divergence = Dbar_t < median(D)
+    D_t    = sum_v p(v) (log p(v) - log q(v)) over the union of the student's and the teacher's
+             top-K (K = min(16, stored K)) where the record has `student_lp_on_teacher_topk`,
+             else over the student's top-K; p and q renormalised over it (truncated reverse KL)
+    Dbar_t = mean of D over the next 8 scored tokens t+1..t+8 (D_t at the last token)
+    high   = l_t >= the 80th percentile of l;  low-divergence = Dbar_t < delta
 
-Reported: the share of high-loss tokens that are low-divergence, and the joint 2-D histogram
-of l_t and Dbar_t. The percentile and the median are global; they come from a uniform sample
+Reported with both thresholds the method offers: delta = 0.1 nats (`Options.topd_delta`, the
+method's default: the share is measured) and delta = median(D) (about half of all windows are
+low-divergence by construction, so the share mostly reflects the threshold); the share of
+high-loss tokens that are low-divergence, and the joint 2-D histogram of l_t and Dbar_t. The percentile and the median are global; they come from a uniform sample
 of at most `Options.sample_size` tokens (exact when the input has fewer tokens), which keeps
 memory bounded. Per step the same share uses that step's own thresholds, like the method's
 per-batch thresholds.
@@ -29,10 +32,11 @@ from diagnostics.stats import BinMoments, Options, TokenSample, positions, quant
 
 TITLE = "TOPD: high-loss tokens in the low-divergence regime"
 DESCRIPTION = (
-    "l_t = student_lp - teacher_lp; D_t = top-K truncated reverse KL over the student's "
-    "candidates (both distributions renormalised over them); Dbar_t = mean of D over the next "
-    "8 tokens. Share of high-loss tokens (top 20% of l) whose near-future divergence is below "
-    "the median of D, and the joint histogram of l and Dbar (methods.md §5.2, §5.3). "
+    "l_t = student_lp - teacher_lp; D_t = top-K truncated reverse KL over the union of the "
+    "student's and the teacher's candidates where recorded, else the student's (both "
+    "distributions renormalised over them); Dbar_t = mean of D over the next 8 tokens. Share of "
+    "high-loss tokens (top 20% of l) whose near-future divergence is below delta (0.1 nats), and "
+    "below the median of D, and the joint histogram of l and Dbar (methods.md §5.2, §5.3). "
     "Percentiles come from a uniform token sample (exact for small inputs).")
 _COLUMNS = ("loss", "future", "div", "step")
 
@@ -43,34 +47,51 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def truncated_rkl(rec: Rollout, k: int) -> np.ndarray:
-    """D_t over the student's top-k with p, q renormalised over them, clamped at 0, (T,)."""
+    """D_t over the union of both top-k sets (the student's alone when the record lacks the
+    student's log-probs of the teacher's ids), p and q renormalised over it, clamped at 0, (T,)."""
     log_p = student_candidates(rec, rec.student_topk_lp, k)
     log_q = student_candidates(rec, rec.teacher_lp_on_student_topk, k)
+    if rec.student_lp_on_teacher_topk is not None:
+        order = np.argsort(-rec.teacher_topk_lp, axis=1, kind="stable")[:, :k]
+        t_ids = np.take_along_axis(rec.teacher_topk_ids, order, axis=1)
+        s_ids = student_candidates(rec, rec.student_topk_ids, k)
+        shared = (t_ids[:, :, None] == s_ids[:, None, :]).any(-1)
+        log_p = np.concatenate([log_p, np.where(shared, -np.inf, np.take_along_axis(
+            rec.student_lp_on_teacher_topk, order, axis=1))], axis=1)
+        log_q = np.concatenate([log_q, np.where(shared, -np.inf, np.take_along_axis(
+            rec.teacher_topk_lp, order, axis=1))], axis=1)
     log_p, log_q = _log_softmax(log_p), _log_softmax(log_q)
-    return np.maximum((np.exp(log_p) * (log_p - log_q)).sum(axis=1), 0.0)
+    p = np.exp(log_p)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(p > 0, p * (log_p - log_q), 0.0)
+    return np.maximum(terms.sum(axis=1), 0.0)
 
 
 def future_mean(d: np.ndarray, horizon: int) -> np.ndarray:
-    """Mean of d over positions t+1..t+horizon that exist (0 where none), (T,)."""
+    """Mean of d over positions t+1..t+horizon that exist (d_t itself at the last token), (T,)."""
     n = d.size
     c = np.concatenate(([0.0], np.cumsum(d)))
     t = np.arange(n)
     hi = np.minimum(t + horizon, n - 1)
     count = hi - t
-    return np.where(count > 0, (c[hi + 1] - c[t + 1]) / np.maximum(count, 1), 0.0)
+    return np.where(count > 0, (c[hi + 1] - c[t + 1]) / np.maximum(count, 1), d)
 
 
-def low_divergence_share(c: dict[str, np.ndarray], rho: float) -> dict[str, float]:
-    """Thresholds and the share of high-loss tokens with Dbar below the median of D."""
+def low_divergence_share(c: dict[str, np.ndarray], rho: float, delta: float) -> dict[str, float]:
+    """Thresholds and the share of high-loss tokens with Dbar below delta (nats) and below the
+    median of D."""
     loss, future, div = c["loss"], c["future"], c["div"]
     threshold = quantile(loss, 1.0 - rho)
-    delta = quantile(div, 0.5)
+    median = quantile(div, 0.5)
     high = loss >= threshold
     quiet = high & (future < delta)
+    quiet_median = high & (future < median)
     return {"topd_tokens": float(loss.size), "topd_loss_threshold": threshold,
             "topd_delta": delta, "topd_high_loss": float(high.sum()),
             "topd_low_div_share": ratio(float(quiet.sum()), float(high.sum())),
-            "topd_suppressed_frac": ratio(float(quiet.sum()), float(loss.size))}
+            "topd_suppressed_frac": ratio(float(quiet.sum()), float(loss.size)),
+            "topd_delta_median": median,
+            "topd_low_div_share_median": ratio(float(quiet_median.sum()), float(high.sum()))}
 
 
 class TopdAnalysis:
@@ -106,7 +127,8 @@ class TopdAnalysis:
 
     def step_metrics(self) -> dict[int, dict[str, float]]:
         c = self.sample.columns_dict()
-        return {int(s): low_divergence_share({k: v[c["step"] == s] for k, v in c.items()}, self.opts.rho)
+        return {int(s): low_divergence_share({k: v[c["step"] == s] for k, v in c.items()}, self.opts.rho,
+                                             self.opts.topd_delta)
                 for s in np.unique(c["step"])}
 
     def report(self, out: Path) -> Section:
@@ -121,7 +143,7 @@ class TopdAnalysis:
         if c["loss"].size < self.tokens:
             sec.notes.append(f"thresholds and shares from a uniform sample of {c['loss'].size} "
                              f"of {self.tokens} tokens")
-        head = low_divergence_share(c, self.opts.rho)
+        head = low_divergence_share(c, self.opts.rho, self.opts.topd_delta)
         sec.headline = head
         xe = np.linspace(*np.quantile(c["loss"], [0.005, 0.995]), 41)
         ye = np.linspace(0.0, max(float(np.quantile(c["future"], 0.995)), 1e-6), 41)
@@ -140,9 +162,11 @@ class TopdAnalysis:
         sec.rows = [
             ("tokens in the sample", int(head["topd_tokens"])),
             ("high-loss threshold (80th percentile of l)", head["topd_loss_threshold"]),
-            ("divergence threshold (median of D)", head["topd_delta"]),
+            ("divergence threshold delta (nats)", head["topd_delta"]),
             ("share of high-loss tokens with low near-future divergence", head["topd_low_div_share"]),
             ("share of all tokens (high-loss, low divergence)", head["topd_suppressed_frac"]),
+            ("median of D (the batch-median threshold)", head["topd_delta_median"]),
+            ("share of high-loss tokens below the median of D", head["topd_low_div_share_median"]),
         ]
         return sec
 

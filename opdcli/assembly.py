@@ -21,6 +21,7 @@ from opdcli.engines.hf_scorer import HFScorer
 from opdcli.errors import ConfigError
 from opdcli.learner import Learner, shard
 from opdcli.lm import ResponseLM, vocab_size
+from opdcli.methods import method_class
 from opdcli.models import LoadedPair
 
 
@@ -71,8 +72,10 @@ def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *,
     else:
         sampler = HFSampler(policy, pair.tokenizer, generator=generator, follower=follower)
     scored_student = learner.module if learner is not None and not d.active else policy
+    method = getattr(cfg, "method", None)
+    cross = method is not None and method_class(method.name).reads_student_on_teacher_topk
     scorer = HFScorer(scored_student, teacher, k=cfg.scoring.top_k, chunk_tokens=cfg.scoring.chunk_tokens,
-                      batch_size=cfg.scoring.batch_size, reference=ref)
+                      batch_size=cfg.scoring.batch_size, reference=ref, student_on_teacher_topk=cross)
     if cfg.scoring.teacher_engine == "vllm":
         scorer = vllm_teacher(cfg, scorer, pair)
     return Parts(learner, sampler, scorer)

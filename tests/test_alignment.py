@@ -127,3 +127,26 @@ def test_score_rollouts_teacher_on_student_topk_is_gathered(tiny_dirs):
     assert torch.allclose(sc.teacher_lp_B_T, t_lsm.gather(-1, resp[..., None]).squeeze(-1), atol=1e-5)
     assert sc.version_B.tolist() == [7, 7]
     assert (sc.student_topk_lp_B_T_K[..., :-1] >= sc.student_topk_lp_B_T_K[..., 1:]).all()
+
+
+def test_scorer_gives_the_student_on_the_teachers_top_k_only_when_asked(tiny_dirs):
+    """TOPD's union divergence reads the student's log-probs of the teacher's top-K ids: the
+    scorer gathers them from the student's full distribution at the same positions."""
+    from transformers import AutoModelForCausalLM
+
+    from opdcli.engines.hf_scorer import HFScorer
+
+    s = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"]).eval()
+    t = AutoModelForCausalLM.from_pretrained(tiny_dirs["teacher"]).eval()
+    resp = torch.tensor([[10, 11, 12], [13, 14, 15]])
+    ids = torch.cat([torch.tensor([[20, 21], [22, 23]]), resp], 1)
+    batch = RolloutBatch(ids, torch.ones_like(ids), 2, resp, torch.ones_like(resp), torch.zeros(2, 3),
+                         torch.ones(2, dtype=torch.bool), (0, 1), ("a", "b"), version_B=torch.tensor([0, 0]))
+    plain = HFScorer(s, t, k=4, chunk_tokens=2, batch_size=1).score(batch)
+    assert plain.student_lp_on_teacher_topk_B_T_K is None
+    sc = HFScorer(s, t, k=4, chunk_tokens=2, batch_size=1, student_on_teacher_topk=True).score(batch)
+    with torch.no_grad():
+        s_lsm = s(input_ids=ids).logits.log_softmax(-1)[:, 1:4]
+    assert torch.allclose(sc.student_lp_on_teacher_topk_B_T_K, s_lsm.gather(-1, sc.teacher_topk_ids_B_T_K), atol=1e-5)
+    assert torch.equal(sc.teacher_topk_ids_B_T_K, plain.teacher_topk_ids_B_T_K)
+    assert torch.allclose(sc.student_lp_B_T, plain.student_lp_B_T)

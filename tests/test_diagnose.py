@@ -12,6 +12,7 @@ import csv
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -299,13 +300,38 @@ def test_fast_line_parser_agrees_with_the_reference_reader(tmp_path):
 
 
 def test_topd_share_and_future_window():
-    assert future_mean(np.array([1.0, 2.0, 3.0, 4.0]), 2).tolist() == [2.5, 3.5, 4.0, 0.0]
+    assert future_mean(np.array([1.0, 2.0, 3.0, 4.0]), 2).tolist() == [2.5, 3.5, 4.0, 4.0]  # last: its own D
     loss = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 6.0])
     div = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0])
     future = np.array([0.0] * 8 + [0.5, 3.0])  # token 8: high loss, calm future; token 9: divergent
-    share = low_divergence_share({"loss": loss, "future": future, "div": div}, rho=0.2)
-    assert share["topd_high_loss"] == 2 and share["topd_low_div_share"] == 0.5
-    assert share["topd_delta"] == 1.5
+    share = low_divergence_share({"loss": loss, "future": future, "div": div}, rho=0.2, delta=0.1)
+    assert share["topd_high_loss"] == 2 and share["topd_low_div_share"] == 0.0  # 0.5 and 3.0 >= 0.1 nats
+    assert share["topd_delta"] == 0.1
+    assert share["topd_delta_median"] == 1.5 and share["topd_low_div_share_median"] == 0.5
+    assert low_divergence_share({"loss": loss, "future": future, "div": div}, 0.2, 1.0)["topd_low_div_share"] == 0.5
+
+
+def test_topd_divergence_covers_the_teachers_top_k_when_recorded():
+    """With student_lp_on_teacher_topk the diagnostic's D is the method's union divergence."""
+    import torch
+
+    from diagnostics.topd import truncated_rkl
+    from opdcli.methods.topd import topk_union_rkl
+
+    g = torch.Generator().manual_seed(2)
+    logp = torch.randn(6, 10, generator=g).log_softmax(-1)
+    logq = (2 * torch.randn(6, 10, generator=g)).log_softmax(-1)
+    s_lp, s_ids = logp.topk(3, dim=-1)
+    t_lp, t_ids = logq.topk(3, dim=-1)
+    t_on_s, s_on_t = logq.gather(-1, s_ids), logp.gather(-1, t_ids)
+    want = topk_union_rkl(s_ids[None], s_lp[None], t_ids[None], t_lp[None], t_on_s[None], s_on_t[None])[0]
+    rec = SimpleNamespace(student_topk_lp=s_lp.numpy(), student_topk_ids=s_ids.numpy(), teacher_topk_ids=t_ids.numpy(),
+                          teacher_topk_lp=t_lp.numpy(), teacher_lp_on_student_topk=t_on_s.numpy(),
+                          student_lp_on_teacher_topk=s_on_t.numpy(), memo={})
+    assert np.allclose(truncated_rkl(rec, 3), want.numpy(), atol=1e-5)
+    rec.student_lp_on_teacher_topk, rec.memo = None, {}
+    alone = topk_union_rkl(s_ids[None], s_lp[None], s_ids[None], t_on_s[None], t_on_s[None], s_lp[None])[0]
+    assert np.allclose(truncated_rkl(rec, 3), alone.numpy(), atol=1e-5)
 
 
 def test_empty_responses_and_mixed_topk(tmp_path):

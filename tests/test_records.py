@@ -67,6 +67,7 @@ def make_obj(t: int = T, k: int | None = K, **overrides) -> dict:
         obj["student_topk_lp"] = [[-0.5, -1.5, -2.5][:k] for _ in range(t)]
         obj["teacher_topk_lp"] = [[-0.25, -1.75, -3.0][:k] for _ in range(t)]
         obj["teacher_lp_on_student_topk"] = [[-0.75, -0.25, -4.0][:k] for _ in range(t)]
+        obj["student_lp_on_teacher_topk"] = [[-1.5, -0.5, -2.5][:k] for _ in range(t)]
     obj.update(overrides)
     return obj
 
@@ -285,6 +286,7 @@ FAILURES = [
     ("nan-topk_lp", _set_in(["student_topk_lp", 2, 1], NAN), ["student_topk_lp[2][1]", "nan"]),
     ("inf-teacher_topk_lp", _set_in(["teacher_topk_lp", 3, 2], -INF), ["teacher_topk_lp[3][2]"]),
     ("inf-on-student", _set_in(["teacher_lp_on_student_topk", 0, 0], INF), ["on_student_topk[0]"]),
+    ("nan-on-teacher", _set_in(["student_lp_on_teacher_topk", 1, 0], NAN), ["on_teacher_topk[1]"]),
     ("nan-method-token", _set_in(["method", "token", "weight", 3], NAN), ["weight[3]", "nan"]),
     ("inf-method-traj", _set_in(["method", "trajectory", "score"], INF), ["trajectory.score"]),
     ("nan-freshness", _set("freshness", NAN), ["freshness", "nan"]),
@@ -304,6 +306,7 @@ FAILURES = [
             "student_topk_lp",
             "teacher_topk_lp",
             "teacher_lp_on_student_topk",
+            "student_lp_on_teacher_topk",
         )
     ],
     *[
@@ -314,6 +317,7 @@ FAILURES = [
             "student_topk_lp",
             "teacher_topk_lp",
             "teacher_lp_on_student_topk",
+            "student_lp_on_teacher_topk",
         )
     ],
     ("length-method-token", _set_in(["method", "token", "weight"], [1.0]), ["weight", "length"]),

@@ -23,14 +23,18 @@ class HFScorer:
         k: top-K kept per token for both models.
         chunk_tokens: positions per chunk when applying the heads.
         batch_size: sequences per forward pass.
+        student_on_teacher_topk: also score the student's log-probs of the teacher's top-K ids
+            (TOPD's divergence on the union of both top-K sets): the student's head runs once
+            more on its kept hidden states, its body does not.
     """
 
     def __init__(self, student, teacher, *, k: int, chunk_tokens: int, batch_size: int,
-                 reference=None) -> None:
+                 reference=None, student_on_teacher_topk: bool = False) -> None:
         self.student = None if student is None else as_response_lm(student)
         self.teacher = None if teacher is None else as_response_lm(teacher)
         self.reference = None if reference is None else as_response_lm(reference)
         self.k, self.chunk_tokens, self.batch_size = k, chunk_tokens, batch_size
+        self.student_on_teacher_topk = student_on_teacher_topk
 
     def _stats(self, model, batch: RolloutBatch, k: int, cand_ids_B_T_K=None, keep_hidden: bool = False,
                hidden_B_T_H: torch.Tensor | None = None):
@@ -70,14 +74,17 @@ class HFScorer:
         pieces: dict[str, list[torch.Tensor]] = {}
         for a in range(0, batch.batch_size, self.batch_size):
             sub = batch.rows(slice(a, a + self.batch_size))
+            cross = with_student and self.student_on_teacher_topk
             if with_student:
-                s, _ = self._stats(self.student, sub, self.k)
+                s, h_s = self._stats(self.student, sub, self.k, keep_hidden=cross)
                 got = {"s_lp": s.lp_B_T, "s_ids": s.topk_ids_B_T_K, "s_top": s.topk_lp_B_T_K}
             else:
                 got = _unscored(sub.response_ids_B_T, self.k)
             t, h_t = self._stats(self.teacher, sub, self.k, got["s_ids"] if with_student else None,
                                  keep_teacher_hidden, sub.teacher_hidden_B_T_H)
             got |= {"t_lp": t.lp_B_T, "t_ids": t.topk_ids_B_T_K, "t_top": t.topk_lp_B_T_K}
+            if cross:
+                got["s_on_t"] = self._stats(self.student, sub, 1, t.topk_ids_B_T_K, hidden_B_T_H=h_s)[0].cand_lp_B_T_K
             if t.cand_lp_B_T_K is not None:
                 got["t_on_s"] = t.cand_lp_B_T_K
             if h_t is not None:
@@ -94,7 +101,7 @@ class HFScorer:
             student_topk_lp_B_T_K=cat["s_top"], teacher_topk_ids_B_T_K=cat["t_ids"],
             teacher_topk_lp_B_T_K=cat["t_top"], teacher_lp_on_student_topk_B_T_K=cat.get("t_on_s"),
             version_B=batch.version_B.clone(), ref_lp_B_T=cat.get("r_lp"), teacher_hidden_B_T_H=cat.get("t_h"),
-            stored_teacher_lp_B_T=batch.teacher_lp_B_T,
+            stored_teacher_lp_B_T=batch.teacher_lp_B_T, student_lp_on_teacher_topk_B_T_K=cat.get("s_on_t"),
         )
 
     @torch.no_grad()

@@ -181,6 +181,9 @@ class ScoredBatch:
     teacher_hidden_B_T_H: torch.Tensor | None = None
     """Kept only for full-distribution objectives, which need the teacher's logits again
     (through `Scorer.teacher_logits`)."""
+    student_lp_on_teacher_topk_B_T_K: torch.Tensor | None = None
+    """The student's log-probs of the teacher's top-K ids; scored only for a method that
+    declares `reads_student_on_teacher_topk` (TOPD's union divergence)."""
 
     @property
     def num_tokens(self) -> int:

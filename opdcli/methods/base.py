@@ -55,6 +55,9 @@ class Method:
     reads_student_scores: ClassVar[bool] = True
     """Whether `apply` reads the student's scores (log-probs, top-K); plain OPD does not, so its
     student statistics can come from the training forward (scoring.student_scores)."""
+    reads_student_on_teacher_topk: ClassVar[bool] = False
+    """Whether `apply` reads the student's log-probs of the teacher's top-K ids
+    (ScoredBatch.student_lp_on_teacher_topk_B_T_K), which the scorer then computes."""
 
     def __init__(self, cfg: Any, loss: LossConfig) -> None:
         self.cfg, self.loss = cfg, loss

@@ -6,10 +6,12 @@ drift, so it looks at the near future to tell them apart and spreads the guidanc
 several tokens. Only the abstract is public; this is the design of methods.md §5.2:
 
     l_t      = log p(y_t) - log q(y_t)                      (sampled-token loss, = -r_t)
-    D_t      = truncated reverse KL of student and teacher on the student's top-K
-    Dbar_t   = mean of D over the valid positions t+1..t+H   (0 where none)
+    D_t      = truncated reverse KL of student and teacher on U_t = S_t union T_t, the union of
+               the student's and the teacher's top-K, both renormalised over U_t
+    Dbar_t   = mean of D over the valid positions t+1..t+H   (D_t itself where none follow)
     h_t      = l_t >= quantile_{1-rho}(l over valid tokens)   (high-loss)
-    d_t      = Dbar_t >= delta   (delta: batch median of D, or an absolute threshold in nats)
+    d_t      = Dbar_t >= delta   (delta: an absolute threshold in nats, 0.1 by default; null:
+               the batch median of D)
 
 Suppression: tokens with h and not d get weight `suppress_eps` (0 by default). Guidance at
 high-loss divergent tokens, `spread`:
@@ -22,11 +24,15 @@ high-loss divergent tokens, `spread`:
 
 Departures (the paper's choices are unknown; these are ours):
 
-* D is not taken on the union of the two top-K sets: the record holds the teacher's log-probs
-  on the student's top-K but not the student's log-probs on the teacher-only ids of the union,
-  so D uses the student's top-K support, with both distributions renormalised over it.
-* The last valid token of a sequence has no near future, so Dbar = 0 there and, for any
-  delta > 0, a high loss on it counts as non-divergent and is suppressed.
+* The scorer computes the student's log-probs of the teacher's top-K ids for this method
+  (`reads_student_on_teacher_topk`: one more pass of the student's head on its kept hidden
+  states), so D covers the union; a teacher scored elsewhere (vLLM) gives none and is refused.
+* The default delta is an absolute threshold, so the share of high-loss tokens that are
+  non-divergent is measured, not fixed by the threshold (the batch median makes about half of
+  all windows divergent whatever the pair); calibrate it per pair with `opd diagnose`'s topd
+  analysis. delta: null keeps the batch median.
+* The last valid token of a sequence has no near future; its own divergence stands in, so a
+  high loss there is suppressed only when the token itself is not divergent.
 * The backward spread rewrites the sampled-token advantage, so it needs
   loss.objective = sampled and loss.discount = 0 (a discounted advantage already carries
   the future; a window over it would count the future twice).
@@ -50,8 +56,8 @@ class TopdConfig:
     """Top fraction of the sampled-token loss that counts as high-loss (0 < rho <= 1)."""
     horizon: int = 8
     """Near-future window H in tokens."""
-    delta: float | None = None
-    """Divergence threshold on the near-future mean (None: batch median of D; else nats)."""
+    delta: float | None = 0.1
+    """Divergence threshold on the near-future mean in nats (None: the batch median of D)."""
     gamma: float = 0.9
     """Discount inside the window (backward return and forward boost)."""
     kappa: float = 0.5
@@ -66,18 +72,28 @@ class TopdConfig:
 
 def topk_union_rkl(student_topk_ids_B_T_K: torch.Tensor, student_topk_lp_B_T_K: torch.Tensor,
                    teacher_topk_ids_B_T_K: torch.Tensor, teacher_topk_lp_B_T_K: torch.Tensor,
-                   teacher_lp_on_student_topk_B_T_K: torch.Tensor) -> torch.Tensor:
-    """D_t = sum_{v in S_t} p(v) (log p(v) - log q(v)) with p, q renormalised over S_t, (B, T).
+                   teacher_lp_on_student_topk_B_T_K: torch.Tensor,
+                   student_lp_on_teacher_topk_B_T_K: torch.Tensor) -> torch.Tensor:
+    """D_t = sum_{v in U_t} p(v) (log p(v) - log q(v)), U_t = S_t union T_t, p and q renormalised
+    over U_t, (B, T). S_t / T_t are the student's / teacher's top-K ids; an id in both counts once."""
+    in_s_B_T_K = (teacher_topk_ids_B_T_K[..., :, None] == student_topk_ids_B_T_K[..., None, :]).any(-1)
+    minus_inf = torch.tensor(float("-inf"), device=in_s_B_T_K.device)
+    log_p = torch.cat([student_topk_lp_B_T_K.float(),
+                       torch.where(in_s_B_T_K, minus_inf, student_lp_on_teacher_topk_B_T_K.float())], -1)
+    log_q = torch.cat([teacher_lp_on_student_topk_B_T_K.float(),
+                       torch.where(in_s_B_T_K, minus_inf, teacher_topk_lp_B_T_K.float())], -1)
+    log_p, log_q = log_p.log_softmax(-1), log_q.log_softmax(-1)
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return terms.sum(-1).clamp(min=0.0)
 
-    S_t is the student's top-K. The union with the teacher's top-K is not usable: the record
-    lacks the student's log-probs on the teacher-only ids, so the teacher's own top-K
-    (ids and log-probs) is accepted for the signature but does not enter D.
-    """
-    del student_topk_ids_B_T_K, teacher_topk_ids_B_T_K, teacher_topk_lp_B_T_K
-    log_p_B_T_K = student_topk_lp_B_T_K.float().log_softmax(-1)
-    log_q_B_T_K = teacher_lp_on_student_topk_B_T_K.float().log_softmax(-1)
-    d_B_T = (log_p_B_T_K.exp() * (log_p_B_T_K - log_q_B_T_K)).sum(-1)
-    return d_B_T.clamp(min=0.0)
+
+def near_future_divergence(d_B_T: torch.Tensor, mask_B_T: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Dbar_t: the mean of d over the valid positions t+1..t+H, or d_t where none follows (the
+    last valid token), (B, T); 0 where t is invalid."""
+    m_B_T = (mask_B_T > 0).to(d_B_T.dtype)
+    counts_B_T = torch.nn.functional.pad(m_B_T, (0, horizon))[:, 1:].unfold(1, horizon, 1).sum(-1)
+    return torch.where(counts_B_T > 0, future_window_mean(d_B_T, mask_B_T, horizon), d_B_T * m_B_T)
 
 
 def future_window_mean(d_B_T: torch.Tensor, mask_B_T: torch.Tensor, horizon: int) -> torch.Tensor:
@@ -149,6 +165,7 @@ def _check_config(cfg: TopdConfig, loss) -> None:
 class TOPD(Method):
     name = "topd"
     default_objective = "sampled"  # the default backward spread rewrites the sampled-token advantage
+    reads_student_on_teacher_topk = True  # D on the union of both top-K sets
     summary = "TOPD: suppress non-divergent high-loss tokens; spread guidance over the near future"
     Config = TopdConfig
 
@@ -158,11 +175,16 @@ class TOPD(Method):
 
     def _divergence(self, scored: ScoredBatch) -> torch.Tensor:
         k = self.cfg.k
-        stored = scored.student_topk_ids_B_T_K.shape[-1]
+        stored = min(scored.student_topk_ids_B_T_K.shape[-1], scored.teacher_topk_ids_B_T_K.shape[-1])
         require_topk(k, stored)
+        if scored.teacher_lp_on_student_topk_B_T_K is None or scored.student_lp_on_teacher_topk_B_T_K is None:
+            raise ConfigError("topd needs the teacher's log-probs of the student's top-K and the student's of "
+                              "the teacher's top-K, which only the transformers scorer computes; use "
+                              "scoring.teacher_engine=hf")
         return topk_union_rkl(scored.student_topk_ids_B_T_K[..., :k], scored.student_topk_lp_B_T_K[..., :k],
                               scored.teacher_topk_ids_B_T_K[..., :k], scored.teacher_topk_lp_B_T_K[..., :k],
-                              scored.teacher_lp_on_student_topk_B_T_K[..., :k])
+                              scored.teacher_lp_on_student_topk_B_T_K[..., :k],
+                              scored.student_lp_on_teacher_topk_B_T_K[..., :k])
 
     def apply(self, scored: ScoredBatch, advantages_B_T: torch.Tensor, step: int) -> MethodOutput:
         c, m_B_T = self.cfg, scored.mask_B_T
@@ -170,7 +192,7 @@ class TOPD(Method):
         zero_B_T = torch.zeros_like(m_B_T, dtype=torch.float)
         loss_B_T = torch.where(valid_B_T, (scored.student_lp_B_T - scored.teacher_lp_B_T).float(), zero_B_T)
         d_B_T = torch.where(valid_B_T, self._divergence(scored), zero_B_T)
-        future_B_T = future_window_mean(d_B_T, m_B_T, c.horizon)
+        future_B_T = near_future_divergence(d_B_T, m_B_T, c.horizon)
         n_valid = int(valid_B_T.sum())
         if n_valid > 0:
             threshold = _quantile(loss_B_T[valid_B_T], 1.0 - c.rho)

@@ -63,6 +63,7 @@ class RolloutRecord:
     student_topk_lp: list[list[float]] | None = None
     teacher_topk_lp: list[list[float]] | None = None
     teacher_lp_on_student_topk: list[list[float]] | None = None
+    student_lp_on_teacher_topk: list[list[float]] | None = None
     correct: bool | None = None
     answer: str | None = None
     method: dict[str, Any] | None = None

@@ -60,6 +60,8 @@ def write_rollout_records(writer: RolloutWriter | None, run_id: str, step: int, 
             rec["teacher_topk_lp"] = scored.teacher_topk_lp_B_T_K[b, :n, :topk].tolist()
             if scored.teacher_lp_on_student_topk_B_T_K is not None:  # a vLLM teacher gives none
                 rec["teacher_lp_on_student_topk"] = scored.teacher_lp_on_student_topk_B_T_K[b, :n, :topk].tolist()
+            if scored.student_lp_on_teacher_topk_B_T_K is not None:  # scored for TOPD's union divergence
+                rec["student_lp_on_teacher_topk"] = scored.student_lp_on_teacher_topk_B_T_K[b, :n, :topk].tolist()
         token = {"weight": _row(out.weights_B_T[b], n)}
         token |= {k: _row(v[b].float(), n) for k, v in out.token_outputs.items()}
         traj = {k: _scalar(v[b]) for k, v in out.trajectory_outputs.items()}

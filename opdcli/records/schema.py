@@ -60,6 +60,7 @@ OPTIONAL_FIELDS = (
     "topk",
     *_TOPK_MATRICES,
     "teacher_lp_on_student_topk",
+    "student_lp_on_teacher_topk",
     "correct",
     "answer",
     "method",
@@ -71,7 +72,8 @@ _METHOD_KEYS = ("name", "token", "trajectory")
 
 # Float-valued fields, rounded on write.
 FLOAT_LISTS = ("student_lp", "teacher_lp", "behavior_lp", "ref_lp")
-FLOAT_MATRICES = ("student_topk_lp", "teacher_topk_lp", "teacher_lp_on_student_topk")
+FLOAT_MATRICES = ("student_topk_lp", "teacher_topk_lp", "teacher_lp_on_student_topk", "student_lp_on_teacher_topk")
+_CROSS_MATRICES = ("teacher_lp_on_student_topk", "student_lp_on_teacher_topk")
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,7 +407,7 @@ def validate_record(obj: dict, *, where: str = "") -> None:
 
     topk = obj.get("topk")
     if topk is None or (type(topk) is int and topk == 0):
-        for name in (*_TOPK_MATRICES, "teacher_lp_on_student_topk"):
+        for name in (*_TOPK_MATRICES, *_CROSS_MATRICES):
             if obj.get(name) is not None:
                 raise _fail(
                     where,
@@ -432,8 +434,9 @@ def validate_record(obj: dict, *, where: str = "") -> None:
                     "nothing (missing)",
                 )
             _check_matrix(obj, name, length, topk, where, ints=name.endswith("_ids"))
-        if obj.get("teacher_lp_on_student_topk") is not None:
-            _check_matrix(obj, "teacher_lp_on_student_topk", length, topk, where, ints=False)
+        for name in _CROSS_MATRICES:
+            if obj.get(name) is not None:
+                _check_matrix(obj, name, length, topk, where, ints=False)
 
     if "correct" in obj:
         _check_bool(obj, "correct", where, nullable=True)
