@@ -260,3 +260,26 @@ def test_online_truncation_stops_drifting_rows_and_matches_offline_events(tiny_d
         else:
             assert int(cum[b, n_cut - 1]) < 2
     assert int(cut.response_mask_B_T.sum()) < int(full.response_mask_B_T.sum())
+
+
+def test_online_mode_warns_that_a_floor_makes_it_another_objective():
+    """Offline Prune-OPD trains every token after reliability 0 at w_base; online mode never
+    generates them. With w_base 0 the two agree on every generated token (the weights are
+    causal), so only a floor warns."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="w_base=0.5 are never generated"):
+        build_method("prune", {"online": True}, LossConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        online = build_method("prune", {"online": True, "w_base": 0.0, "k": 2, "w_drop": 0.5, "budget": False},
+                              LossConfig())
+    offline = build_method("prune", {"w_base": 0.0, "k": 2, "w_drop": 0.5, "budget": False}, LossConfig())
+    events = torch.tensor([[False, True, False, True, False, True, False, False]])
+    full = offline.apply(_scored(events, torch.ones(1, 8, dtype=torch.bool)), torch.zeros(1, 8), 0).weights_B_T
+    assert full[0].tolist() == [1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+    cut = 5  # the online rule stops after the second event; a chunk lag of one more token
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, :cut] = True
+    part = online.apply(_scored(events, mask), torch.zeros(1, 8), 0).weights_B_T
+    assert torch.equal(part[0, :cut], full[0, :cut]) and part[0, cut:].abs().sum() == 0

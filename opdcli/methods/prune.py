@@ -33,11 +33,19 @@ Departures from the authors' code:
   the rollout's `max_new_tokens`.
 * With `budget: false` the rollout keeps its static `max_new_tokens`; the weights and L_eff
   are still computed and logged.
+* Online truncation (`online: true`, `opdcli.methods.prune_online`) is the offline objective
+  only when w_base = 0: with a floor, offline Prune-OPD still trains every token after the
+  reliability reaches 0 at weight w_base, and those tokens cannot be kept without generating
+  (and scoring) them, which is the cost online mode exists to save. The tokens it does generate
+  after that point (at most online_chunk - 1 per row) keep the floor weight, as offline; each
+  token is scored by the teacher once (the follower's hidden states). Building it with w_base > 0
+  warns.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -176,6 +184,13 @@ class PruneOPD(Method):
                               "reaches 0; raise w_drop or set online: false")
         if cfg.online_chunk < 1:
             raise ConfigError(f"method.options.online_chunk is {cfg.online_chunk}; it must be at least 1")
+        if cfg.online and cfg.w_base > 0:
+            warnings.warn(
+                f"method.options.online stops a row once its reliability reaches 0, so the tokens that "
+                f"offline Prune-OPD would still train at the floor weight w_base={cfg.w_base} are never "
+                "generated: a different objective (a saving in sampling, not only in scoring). Set "
+                "method.options.w_base=0 for the offline objective on the tokens that are generated",
+                stacklevel=2)
         self._budget: PruneBudget | None = None
 
     def stop_rule(self) -> DriftStopRule | None:
