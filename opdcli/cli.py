@@ -280,12 +280,13 @@ def rollout(
 
 @toy_app.command("build")
 def toy_build(
-    which: Annotated[list[str] | None, typer.Argument(help="teacher, student, teacher-long, student-long (default: all, in order).")] = None,
+    which: Annotated[list[str] | None, typer.Argument(help="Models to build (default: every model of --world, in order): teacher, student, teacher-long, student-long; teacher-forms, teacher-forms-symbolic, student-forms, student-forms-plus.")] = None,
+    world: Annotated[str, typer.Option(help="arith: the first toy world (about 30 minutes on 2 CPU cores); forms: the second (opdcli.toy.forms).")] = "arith",
     out: Annotated[Path | None, typer.Option(help="Output folder (default: the shipped weights folder).")] = None,
     steps: Annotated[int | None, typer.Option(help="Override the SFT steps (for quick checks).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the initialisation and the data stream.")] = 0,
 ) -> None:
-    """Rebuild the toy models from scratch (all four: about 30 minutes on 2 CPU cores)."""
+    """Rebuild the toy models from scratch."""
     try:
         _one_process("toy build")
         import time
@@ -297,7 +298,10 @@ def toy_build(
         from opdcli.loops.toy_build import TOY_SPECS, build_toy_model
         from opdcli.models import TOY_WEIGHTS
 
-        names = which or list(TOY_SPECS)
+        worlds = sorted({spec.world for spec in TOY_SPECS.values()})
+        if world not in worlds:
+            raise ConfigError(f"unknown toy world '{world}'; choose from {', '.join(worlds)}")
+        names = which or [name for name, spec in TOY_SPECS.items() if spec.world == world]
         for name in names:
             if name not in TOY_SPECS:
                 raise ConfigError(f"unknown toy model '{name}'; choose from {', '.join(TOY_SPECS)}")

@@ -90,12 +90,21 @@ class ModelConfig:
 class ToyTaskConfig:
     """Difficulty knobs of the embedded arithmetic task (used when data.source is toy)."""
 
+    world: Literal["arith", "forms"] = "arith"
+    """arith: the first toy world (expressions, one surface form, character tokens); forms: the
+    second (one multiplication then n_ops additions / subtractions, each step in one of three
+    surface forms, byte-level BPE; opdcli.toy.forms)."""
     n_ops: int = 2
-    """Operators per problem (problem has n_ops + 1 operands)."""
+    """Operators per problem (arith: n_ops + 1 operands; forms: the additions / subtractions
+    after the first multiplication)."""
     max_operand: int = 20
     """Operands are drawn from 1..max_operand (the right operand of * from 2..9)."""
     ops: str = "+-*"
-    """Operator alphabet."""
+    """Operator alphabet (arith only)."""
+    style: Literal["even", "symbolic", "words"] = "even"
+    """forms only: the mixture of surface forms of the gold solutions (opdcli.toy.forms.STYLES)."""
+    canonical_steps: int = 2
+    """forms only: leading steps always written in the symbolic form, without a connective."""
     heldout_size: int = 512
     """Size of the held-out split (never seen in training)."""
     split_seed: int = 0

@@ -16,6 +16,7 @@ from typing import Any
 
 from opdcli.config import DataConfig
 from opdcli.errors import ConfigError, DataError
+from opdcli.toy.forms import FormsTask
 from opdcli.toy.task import ToyTask
 
 
@@ -61,8 +62,11 @@ def check_template_reads(tokenizer: Any, kwargs: dict[str, Any]) -> None:
                           "e.g. enable_thinking for Qwen3)")
 
 
-def toy_task(cfg: DataConfig) -> ToyTask:
-    return ToyTask(n_ops=cfg.toy.n_ops, max_operand=cfg.toy.max_operand, ops=cfg.toy.ops)
+def toy_task(cfg: DataConfig) -> ToyTask | FormsTask:
+    t = cfg.toy
+    if t.world == "forms":
+        return FormsTask(n_ops=t.n_ops, max_operand=t.max_operand, style=t.style, canonical_steps=t.canonical_steps)
+    return ToyTask(n_ops=t.n_ops, max_operand=t.max_operand, ops=t.ops)
 
 
 def _messages(text: str, system: str | None) -> tuple[dict[str, str], ...]:

@@ -121,6 +121,13 @@ def validate_common(cfg: Any, explicit: set[str]) -> None:
     if cfg.data.source != "toy":
         _refuse(explicit, [k for k in explicit if k.startswith("data.toy.")],
                 "data.toy.* only applies to data.source=toy")
+    elif cfg.data.toy.world == "forms":
+        _refuse(explicit, ["data.toy.ops"], "the forms world always multiplies first, then adds and subtracts")
+        if cfg.data.toy.canonical_steps < 0:
+            raise ConfigError(f"data.toy.canonical_steps is {cfg.data.toy.canonical_steps}; it must be >= 0")
+    else:
+        _refuse(explicit, ["data.toy.style", "data.toy.canonical_steps"],
+                "only data.toy.world=forms writes steps in several surface forms")
     if r.engine != "vllm" and cfg.scoring.teacher_engine != "vllm":
         for key in sorted(k for k in explicit if k.startswith("vllm.")):
             raise ConfigError(f"{key} cannot take effect: no vLLM engine runs (rollout.engine and "

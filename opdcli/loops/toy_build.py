@@ -30,7 +30,7 @@ from opdcli.config import (
     TrainConfig,
 )
 from opdcli.errors import ModelError
-from opdcli.toy.tokenizer import build_toy_tokenizer
+from opdcli.toy.tokenizer import FORMS_EMBEDDINGS, build_forms_tokenizer, build_toy_tokenizer
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class ToyModelSpec:
     head_dim: int | None = None
     """Attention head size (None: hidden / 4). The students use 32, a size vLLM's CPU backend runs."""
 
+    @property
+    def world(self) -> str:
+        return self.task.world
+
 
 TOY_SPECS = {
     "teacher": ToyModelSpec("teacher", hidden=128, layers=3, steps=1100, schedule_steps=1100),
@@ -73,15 +77,36 @@ TOY_SPECS |= {
                                  prompts_per_step=32, max_new_tokens=160, head_dim=32),
 }
 
+# The second toy world (opdcli.toy.forms): one multiplication then 16 additions / subtractions,
+# each late step in one of three surface forms, answers of about 200 BPE tokens. Two teachers of
+# the same size: one trained on the student's style mix (the compatible pair) and one that never
+# saw the words form (the incompatible pair); a student-size teacher trained on from the
+# student's own start (ExOPD's same-size reward extrapolation).
+FORMS_TASK = ToyTaskConfig(world="forms", n_ops=16, max_operand=49, style="even")
+FORMS_SYMBOLIC_TASK = ToyTaskConfig(world="forms", n_ops=16, max_operand=49, style="symbolic")
+_FORMS = {"prompts_per_step": 32, "max_new_tokens": 320, "lr": 2e-3, "warmup": 30}
+TOY_SPECS |= {
+    "teacher-forms": ToyModelSpec("teacher-forms", hidden=160, layers=4, steps=1200, schedule_steps=1200,
+                                  task=FORMS_TASK, head_dim=32, **_FORMS),
+    "teacher-forms-symbolic": ToyModelSpec("teacher-forms-symbolic", hidden=160, layers=4, steps=1200,
+                                           schedule_steps=1200, task=FORMS_SYMBOLIC_TASK, head_dim=32, **_FORMS),
+    "student-forms": ToyModelSpec("student-forms", hidden=96, layers=2, steps=300, schedule_steps=900,
+                                  task=FORMS_TASK, head_dim=32, **_FORMS),
+    "student-forms-plus": ToyModelSpec("student-forms-plus", hidden=96, layers=2, steps=600, schedule_steps=600,
+                                       init_from="student-forms", task=FORMS_TASK, head_dim=32, **_FORMS),
+}
 
-def init_model(tokenizer, hidden: int, layers: int, seed: int, head_dim: int | None = None):
+
+def init_model(tokenizer, hidden: int, layers: int, seed: int, head_dim: int | None = None,
+               vocab_rows: int | None = None):
     """A randomly initialised Qwen3ForCausalLM sized for the toy tokenizer (4 query heads, 2 KV
-    heads; `head_dim` None: hidden / 4)."""
+    heads; `head_dim` None: hidden / 4; `vocab_rows` None: the tokenizer's length, else the
+    padded embedding size)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
+        vocab_size=vocab_rows or len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim or hidden // 4,
         max_position_embeddings=1024, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, rope_theta=10000.0,
@@ -96,7 +121,8 @@ def build_toy_model(spec: ToyModelSpec, out_dir: Path, *, distill: Any, seed: in
                     eval_size: int = 256, weights_root: Path | None = None) -> dict[str, float]:
     """Initialise, SFT on gold solutions with `distill` (the CLI passes loops.distill.run_distill),
     and save to out_dir. Returns held-out metrics."""
-    tok = build_toy_tokenizer()
+    tok = build_forms_tokenizer() if spec.world == "forms" else build_toy_tokenizer()
+    rows = FORMS_EMBEDDINGS if spec.world == "forms" else None
     with tempfile.TemporaryDirectory() as tmp:
         init_dir, run_dir = Path(tmp) / "init", Path(tmp) / "run"
         if spec.init_from is not None:
@@ -106,7 +132,7 @@ def build_toy_model(spec: ToyModelSpec, out_dir: Path, *, distill: Any, seed: in
                                  f"built in {root}; build it first: opd toy build {spec.init_from}")
             shutil.copytree(root / spec.init_from, init_dir)
         else:
-            model = init_model(tok, spec.hidden, spec.layers, seed, head_dim=spec.head_dim)
+            model = init_model(tok, spec.hidden, spec.layers, seed, head_dim=spec.head_dim, vocab_rows=rows)
             model.save_pretrained(init_dir)
             tok.save_pretrained(init_dir)
         n_steps = spec.steps if steps is None else steps

@@ -1,0 +1,148 @@
+"""The second toy world: surface forms, styles, the BPE tokenizer and its config (opdcli.toy.forms)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from opdcli import config as C
+from opdcli.errors import ConfigError
+from opdcli.toy.forms import CONNECTIVES, STYLES, FormsTask, write_step
+from opdcli.validate import validate_train_config
+
+STEP = re.compile(
+    r"^(?:Then |Next, |Now |So )?(?:(?P<a>\d+)(?P<op>[-+*])(?P<b>\d+)=(?P<c>\d+)"
+    r"|(?P<c2>\d+) = (?P<a2>\d+) (?P<op2>[-+*]) (?P<b2>\d+)"
+    r"|(?P<a3>\d+) (?P<w>plus|minus|times) (?P<b3>\d+) is (?P<c3>\d+))\.$")
+WORD_OP = {"plus": "+", "minus": "-", "times": "*"}
+
+
+def parse(solution: str) -> tuple[list[tuple[int, str, int, int, str]], str]:
+    """Steps (a, op, b, c, form) and the boxed answer of a solution, by a reader independent of
+    the writer."""
+    body, boxed = solution.rsplit(" \\boxed{", 1)
+    steps = []
+    for sentence in re.findall(r"[^.]*\.", body):
+        m = STEP.match(sentence.strip())
+        assert m, sentence
+        if m["a"] is not None:
+            steps.append((int(m["a"]), m["op"], int(m["b"]), int(m["c"]), "symbolic"))
+        elif m["a2"] is not None:
+            steps.append((int(m["a2"]), m["op2"], int(m["b2"]), int(m["c2"]), "result_first"))
+        else:
+            steps.append((int(m["a3"]), WORD_OP[m["w"]], int(m["b3"]), int(m["c3"]), "words"))
+    return steps, boxed.rstrip("}")
+
+
+def test_write_step_forms():
+    assert write_step(12, "+", 5, 17, "symbolic") == "12+5=17."
+    assert write_step(12, "-", 5, 7, "result_first", "Then ") == "Then 7 = 12 - 5."
+    assert write_step(3, "*", 4, 12, "words") == "3 times 4 is 12."
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_every_step_is_right_and_chains_to_the_answer(style):
+    task = FormsTask(style=style)
+    forms = []
+    for i in range(200):
+        p = task.sample(random.Random(i))
+        steps, answer = parse(p.solution)
+        assert len(steps) == task.n_ops + 1 and steps[0][1] == "*"
+        value = None
+        for a, op, b, c, form in steps:
+            assert c == (a * b if op == "*" else a + b if op == "+" else a - b)
+            assert value is None or a == value  # each step continues from the last result
+            assert 0 <= c <= 999
+            value = c
+            forms.append(form)
+        assert answer == p.answer == str(value)
+        # the question holds the same operands, in order
+        assert p.question == f"{steps[0][0]}*{steps[0][2]}" + "".join(f"{op}{b}" for _, op, b, _, _ in steps[1:])
+        assert [f for *_, f in steps[: task.canonical_steps]] == ["symbolic"] * task.canonical_steps
+        assert not any(p.solution.split(". ")[k].startswith(CONNECTIVES) for k in range(task.canonical_steps))
+    share = {f: forms.count(f) / len(forms) for f in ("symbolic", "result_first", "words")}
+    if style == "symbolic":
+        assert share["words"] == 0
+    if style == "even":
+        assert all(0.2 < v < 0.5 for v in share.values())
+    if style == "words":
+        assert share["words"] > 0.6
+
+
+def test_split_is_shared_by_styles_and_excluded_from_training():
+    even, sym = FormsTask(style="even"), FormsTask(style="symbolic")
+    held = even.heldout(0, 300)
+    assert len(held) == 300 and [p.question for p in held] == [p.question for p in sym.heldout(0, 300)]
+    assert all(p.answer == q.answer for p, q in zip(held, sym.heldout(0, 300), strict=True))
+    exclude = {p.question for p in held}
+    train = [p for _, p in zip(range(2000), even.stream(1, exclude), strict=False)]
+    assert not exclude & {p.question for p in train}
+    # gold solutions are reproducible
+    again = FormsTask(style="even").heldout(0, 300)
+    assert [p.solution for p in again] == [p.solution for p in held]
+
+
+def test_bpe_tokenizer_is_deterministic_splits_digits_and_fits_the_embeddings():
+    from opdcli.toy.tokenizer import FORMS_EMBEDDINGS, build_forms_tokenizer
+
+    a, b = build_forms_tokenizer(corpus_size=600), build_forms_tokenizer(corpus_size=600)
+    assert a.get_vocab() == b.get_vocab()
+    tok = build_forms_tokenizer()
+    assert 200 < len(tok) <= FORMS_EMBEDDINGS
+    p = FormsTask().sample(random.Random(3))
+    ids = tok.encode(p.solution)
+    assert tok.decode(ids) == p.solution
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert all(len(x.lstrip("Ġ")) <= 1 for x in pieces if any(ch.isdigit() for ch in x))  # one digit per token
+    assert any(len(x) > 3 for x in pieces)  # words are merged
+    assert len(ids) < len(p.solution) / 1.2  # fewer tokens than characters
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    chat = tok.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=False)
+    assert chat.endswith("<|im_start|>assistant\n")
+
+
+def test_config_selects_the_world_and_refuses_knobs_of_the_other():
+    from opdcli.data import heldout_prompts
+    from opdcli.grading import grade
+
+    cfg, _ = C.load_config(C.TrainRunConfig, None, ["data.toy.world=forms", "data.toy.n_ops=4"])
+    prompts = heldout_prompts(cfg.data, 5)
+    assert len(prompts) == 5 and prompts[0].messages[-1]["content"].count("+") + \
+        prompts[0].messages[-1]["content"].count("-") == 4
+    assert grade(prompts[0].solution, prompts[0].answer)
+    for overrides, message in ((["data.toy.world=forms", "data.toy.ops=+-"], "data.toy.ops cannot take effect"),
+                               (["data.toy.style=words"], "data.toy.style cannot take effect")):
+        cfg, explicit = C.load_config(C.TrainRunConfig, None, overrides)
+        with pytest.raises(ConfigError, match=message):
+            validate_train_config(cfg, explicit)
+
+
+def test_build_a_forms_model_with_padded_embeddings(tmp_path):
+    """`opd toy build --world forms` saves a Qwen3 model whose embeddings are padded beyond its
+    BPE tokenizer; it loads like a hub checkpoint and answers a forms prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opdcli.loops.distill import run_distill
+    from opdcli.loops.toy_build import TOY_SPECS, build_toy_model
+    from opdcli.toy.tokenizer import FORMS_EMBEDDINGS
+
+    spec = TOY_SPECS["student-forms"]
+    assert spec.world == "forms" and spec.task.style == "even"
+    assert TOY_SPECS["teacher-forms-symbolic"].task.style == "symbolic"
+    metrics = build_toy_model(spec, tmp_path / "s", distill=run_distill, steps=2, eval_size=4)
+    assert 0.0 <= metrics["eval/heldout/accuracy"] <= 1.0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "s")
+    assert model.config.vocab_size == FORMS_EMBEDDINGS > len(tok)
+    assert model.config.head_dim == 32 and tok.eos_token_id == model.generation_config.eos_token_id
+
+
+def test_toy_build_refuses_an_unknown_world(tmp_path):
+    from typer.testing import CliRunner
+
+    from opdcli.cli import app
+
+    result = CliRunner().invoke(app, ["toy", "build", "--world", "chess", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "unknown toy world 'chess'; choose from arith, forms" in result.output
