@@ -21,7 +21,8 @@ on (`STYLES`); a pair trained on the same style is compatible, a teacher that ne
 the student's forms is not (its prefix drifts once the student writes that form).
 
 Problems are a pure function of (seed, index), like the first toy world (`opdcli.toy.task`):
-the held-out split comes from a disjoint seed and training skips its questions. The gold
+the held-out split comes from a disjoint seed and training skips its questions; the split
+depends on the seed and the arithmetic knobs only, so every style shares it. The gold
 solution of a problem is drawn in the configured style with a generator seeded by the
 problem, so it is reproducible too.
 """
@@ -29,10 +30,9 @@ problem, so it is reproducible too.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from opdcli.toy.task import HELDOUT_SEED_OFFSET, ToyProblem
+from opdcli.toy.task import ProblemStream, ToyProblem
 
 FORMS = ("symbolic", "result_first", "words")
 WORDS = {"+": "plus", "-": "minus", "*": "times"}
@@ -70,7 +70,7 @@ def write_step(a: int, op: str, b: int, c: int, form: str, connective: str = "")
 
 
 @dataclass(frozen=True)
-class FormsTask:
+class FormsTask(ProblemStream):
     """The forms world's problems: one multiplication, then `n_ops` additions / subtractions."""
 
     n_ops: int = 20
@@ -119,23 +119,3 @@ class FormsTask:
         answer = str(value)
         solution = " ".join(text + [f"\\boxed{{{answer}}}"])
         return ToyProblem(question=question, prompt=f"Compute {question}.", solution=solution, answer=answer)
-
-    def stream(self, seed: int, exclude: set[str] | None = None) -> Iterator[ToyProblem]:
-        """Infinite stream of training problems, skipping questions in `exclude`."""
-        rng = random.Random(seed)
-        while True:
-            problem = self.sample(rng)
-            if exclude is None or problem.question not in exclude:
-                yield problem
-
-    def heldout(self, seed: int, size: int) -> list[ToyProblem]:
-        """`size` distinct problems from a seed disjoint from training (the same questions for
-        every style: the split depends on the seed and the arithmetic knobs only)."""
-        rng = random.Random(seed + HELDOUT_SEED_OFFSET)
-        seen: dict[str, ToyProblem] = {}
-        attempts = 0
-        while len(seen) < size and attempts < size * 100:
-            problem = self.sample(rng)
-            seen.setdefault(problem.question, problem)
-            attempts += 1
-        return list(seen.values())

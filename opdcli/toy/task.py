@@ -30,25 +30,11 @@ class ToyProblem:
     answer: str
 
 
-@dataclass(frozen=True)
-class ToyTask:
-    """Difficulty knobs of the task."""
-
-    n_ops: int = 2
-    max_operand: int = 20
-    ops: str = "+-*"
-
-    def __post_init__(self) -> None:
-        assert self.n_ops >= 1, "n_ops must be at least 1"
-        assert self.max_operand >= 2, "max_operand must be at least 2"
-        assert self.ops and set(self.ops) <= set("+-*"), "ops must be a subset of '+-*'"
+class ProblemStream:
+    """The train stream and the held-out split of a task whose `sample(rng)` draws a problem."""
 
     def sample(self, rng: random.Random) -> ToyProblem:
-        ops = [rng.choice(self.ops) for _ in range(self.n_ops)]
-        nums = [rng.randint(1, self.max_operand)]
-        for op in ops:
-            nums.append(rng.randint(2, 9) if op == "*" else rng.randint(1, self.max_operand))
-        return solve(nums, ops)
+        raise NotImplementedError
 
     def stream(self, seed: int, exclude: set[str] | None = None) -> Iterator[ToyProblem]:
         """Infinite stream of training problems, skipping questions in `exclude`."""
@@ -68,6 +54,27 @@ class ToyTask:
             seen.setdefault(problem.question, problem)
             attempts += 1
         return list(seen.values())
+
+
+@dataclass(frozen=True)
+class ToyTask(ProblemStream):
+    """Difficulty knobs of the task."""
+
+    n_ops: int = 2
+    max_operand: int = 20
+    ops: str = "+-*"
+
+    def __post_init__(self) -> None:
+        assert self.n_ops >= 1, "n_ops must be at least 1"
+        assert self.max_operand >= 2, "max_operand must be at least 2"
+        assert self.ops and set(self.ops) <= set("+-*"), "ops must be a subset of '+-*'"
+
+    def sample(self, rng: random.Random) -> ToyProblem:
+        ops = [rng.choice(self.ops) for _ in range(self.n_ops)]
+        nums = [rng.randint(1, self.max_operand)]
+        for op in ops:
+            nums.append(rng.randint(2, 9) if op == "*" else rng.randint(1, self.max_operand))
+        return solve(nums, ops)
 
 
 def solve(nums: list[int], ops: list[str]) -> ToyProblem:
