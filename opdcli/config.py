@@ -350,6 +350,14 @@ class EvalConfig:
     max_new_tokens: int = 0
     """0: use rollout.max_new_tokens."""
     enabled: bool = True
+    samples: int = 0
+    """Also evaluate sampled answers: this many per problem at eval.temperature, reported as
+    eval/heldout_sampled/accuracy (the mean over samples, avg@n); 0: greedy only."""
+    temperature: float = 1.0
+    """Temperature of the sampled evaluation (eval.samples > 0)."""
+    seed: int = 1234
+    """Seed of the sampled evaluation's noise: the same for every run and every evaluation, so
+    two runs are compared on the same random numbers."""
 
 
 @dataclass(frozen=True)

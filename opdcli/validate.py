@@ -118,6 +118,13 @@ def validate_common(cfg: Any, explicit: set[str]) -> None:
     if cfg.optim.grad_accum > r.prompts_per_step * r.samples_per_prompt:
         raise ConfigError(f"optim.grad_accum ({cfg.optim.grad_accum}) exceeds the sequences per step "
                           f"({r.prompts_per_step * r.samples_per_prompt}); lower it")
+    if cfg.eval.samples < 0:
+        raise ConfigError(f"eval.samples is {cfg.eval.samples}; it must be >= 0 (0: greedy evaluation only)")
+    if cfg.eval.samples == 0:
+        _refuse(explicit, ["eval.temperature", "eval.seed"], "only the sampled evaluation (eval.samples > 0) uses it")
+    elif not cfg.eval.temperature > 0:
+        raise ConfigError(f"eval.temperature is {cfg.eval.temperature}; the sampled evaluation needs a "
+                          "temperature > 0 (greedy accuracy is always reported)")
     if cfg.data.source != "toy":
         _refuse(explicit, [k for k in explicit if k.startswith("data.toy.")],
                 "data.toy.* only applies to data.source=toy")

@@ -78,3 +78,49 @@ def test_command_line_set_applies_to_every_run_and_refuses_per_run_keys(tmp_path
         result = CliRunner().invoke(app, ["sweep", "--config", str(f), "--set", key])
         assert result.exit_code == 2 and "cannot apply to a sweep" in result.output
         assert "Traceback" not in result.output
+
+
+def test_time_to_target_counts_training_time_up_to_the_first_crossing():
+    """Hand-made metrics rows: evaluations at steps 2 and 4 (and after training); the target
+    0.3 is first reached at step 4, after 4 steps of 1 + 0.5 s."""
+    import math
+
+    from opdcli.loops.sweep import aggregate, time_to_target
+
+    rows = [{"progress/step": 0, "eval_before/heldout/accuracy": 0.1}]
+    for step in range(1, 6):
+        row = {"progress/step": step, "loss/total": 1.0, "time/sample": 1.0, "time/train": 0.5}
+        if step in (2, 4):
+            row["eval/heldout/accuracy"] = {2: 0.2, 4: 0.35}[step]
+        rows.append(row)
+    rows.append({"progress/step": 5, "eval_after/heldout/accuracy": 0.4})
+    assert time_to_target(rows, 0.3) == (6.0, 4.0)
+    assert time_to_target(rows, 0.38) == (7.5, 5.0)  # only the final evaluation reaches it
+    assert time_to_target(rows, 0.05) == (0.0, 0.0)  # already there before training
+    never = time_to_target(rows, 0.9)
+    assert math.isnan(never[0]) and math.isnan(never[1])
+    base = {"acc_before": 0.1, "acc_after": 0.4, "wall_s": 1, "train_s": 1, "tokens_generated": 1,
+            "tokens_scored": 1, "tokens_trained": 1, "steps_to_target": 1.0}
+    agg = aggregate([base | {"method": "a", "time_to_target_s": 6.0}, base | {"method": "a", "time_to_target_s": 8.0},
+                     base | {"method": "a", "time_to_target_s": math.nan}])
+    assert agg[0]["time_to_target_s"] == 7.0 and agg[0]["reached"] == 2
+
+
+def test_sweep_reports_sampled_accuracy_and_time_to_target(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(f"""
+base: {__import__("pathlib").Path("configs/toy/opd.yaml").resolve()}
+out_dir: {tmp_path / 'out'}
+seeds: [0]
+target_accuracy: 0.01
+set: [train.max_steps=2, eval.size=8, eval.every=1, eval.samples=2, rollout.prompts_per_step=2, train.rollouts_every=0]
+methods: [opd]
+""")
+    rows = run_sweep(f, ["test"], train=run_train)
+    assert 0.0 <= rows[0]["acc_after_sampled"] <= 1.0 and "time_to_target_s" in rows[0]
+    table = (tmp_path / "out" / "sweep.md").read_text()
+    assert "sampled acc after" in table and "time to target s (reached)" in table
+    assert "(0/1)" in table or "(1/1)" in table
+    with pytest.raises(ConfigError, match="target_accuracy is 30"):
+        f.write_text(f.read_text().replace("target_accuracy: 0.01", "target_accuracy: 30"))
+        load_sweep(f)

@@ -146,3 +146,26 @@ def test_toy_build_refuses_an_unknown_world(tmp_path):
 
     result = CliRunner().invoke(app, ["toy", "build", "--world", "chess", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "unknown toy world 'chess'; choose from arith, forms" in result.output
+
+
+def test_sampled_heldout_evaluation_is_seeded_and_validated(tiny_dirs, toy_tokenizer):
+    """eval.samples answers per problem at eval.temperature: the same seed gives the same
+    answers, another seed others; greedy-only runs refuse the sampled evaluation's knobs."""
+    from transformers import AutoModelForCausalLM
+
+    from opdcli.data import heldout_prompts
+    from opdcli.run.heldout import heldout_accuracy
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])
+    cfg, _ = C.load_config(C.TrainRunConfig, None, [])
+    prompts = heldout_prompts(cfg.data, 6)
+    runs = [heldout_accuracy(model, toy_tokenizer, prompts, 40, 8, samples=4, temperature=1.0, seed=s)
+            for s in (3, 3, 4)]
+    assert runs[0] == runs[1]
+    assert runs[0]["eval/heldout/response_len"] != runs[2]["eval/heldout/response_len"]
+    for overrides, message in ((["eval.temperature=0.7"], "eval.temperature cannot take effect"),
+                               (["eval.samples=4", "eval.temperature=0"], "needs a temperature > 0"),
+                               (["eval.samples=-1"], "eval.samples is -1")):
+        cfg, explicit = C.load_config(C.TrainRunConfig, None, overrides)
+        with pytest.raises(ConfigError, match=message):
+            validate_train_config(cfg, explicit)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -48,6 +49,10 @@ class SweepConfig:
     set: list[str] = field(default_factory=list)
     """Overrides shared by every run (budget: train.max_steps, rollout.*)."""
     methods: list[SweepMethod] = field(default_factory=list)
+    target_accuracy: float | None = None
+    """Held-out (greedy) accuracy whose first crossing gives each run's time-to-target: the
+    training time (sample + score + method + train) up to the first evaluation at or above it
+    (set eval.every for a curve; the evaluation before training counts as time 0)."""
 
 
 def load_sweep(path: Path) -> SweepConfig:
@@ -62,7 +67,11 @@ def load_sweep(path: Path) -> SweepConfig:
     if len(set(labels)) != len(labels):
         raise ConfigError(f"sweep file '{path}': method labels must be unique, got {labels}")
     base = Path(cfg.base) if Path(cfg.base).is_absolute() else path.parent / cfg.base
-    return SweepConfig(base=str(base), out_dir=cfg.out_dir, seeds=cfg.seeds, set=cfg.set, methods=parsed)
+    if cfg.target_accuracy is not None and not 0.0 < cfg.target_accuracy <= 1.0:
+        raise ConfigError(f"sweep file '{path}': target_accuracy is {cfg.target_accuracy}; it is a fraction in "
+                          "(0, 1], e.g. 0.3 for 30%")
+    return SweepConfig(base=str(base), out_dir=cfg.out_dir, seeds=cfg.seeds, set=cfg.set, methods=parsed,
+                       target_accuracy=cfg.target_accuracy)
 
 
 def run_overrides(sweep: SweepConfig, method: SweepMethod, seed: int) -> list[str]:
@@ -72,7 +81,26 @@ def run_overrides(sweep: SweepConfig, method: SweepMethod, seed: int) -> list[st
             f"run.out_dir={Path(sweep.out_dir) / f'{label}-seed{seed}'}", "run.overwrite=true"]
 
 
-def summarize_run(run_dir: Path, wall: float) -> dict[str, float]:
+TRAIN_TIME = ("time/sample", "time/score", "time/method", "time/train")
+
+
+def time_to_target(rows: list[dict[str, Any]], target: float) -> tuple[float, float]:
+    """(training seconds, steps) up to the first held-out evaluation at or above `target`, or
+    (nan, nan) when no evaluation reaches it."""
+    if any(r.get("eval_before/heldout/accuracy", -1.0) >= target for r in rows):
+        return 0.0, 0.0
+    spent, steps = 0.0, 0
+    for r in rows:
+        if "loss/total" in r:
+            spent += sum(r.get(k) or 0.0 for k in TRAIN_TIME)
+            steps = int(r.get("progress/step", steps + 1))
+        accuracy = r.get("eval/heldout/accuracy", r.get("eval_after/heldout/accuracy"))
+        if accuracy is not None and accuracy >= target:
+            return spent, float(steps)
+    return math.nan, math.nan
+
+
+def summarize_run(run_dir: Path, wall: float, target: float | None = None) -> dict[str, float]:
     rows = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in rows if "loss/total" in r]
 
@@ -81,7 +109,13 @@ def summarize_run(run_dir: Path, wall: float) -> dict[str, float]:
 
     before = next(r["eval_before/heldout/accuracy"] for r in rows if "eval_before/heldout/accuracy" in r)
     after = next(r["eval_after/heldout/accuracy"] for r in rows if "eval_after/heldout/accuracy" in r)
-    return {"acc_before": before, "acc_after": after, "wall_s": wall,
+    extra: dict[str, float] = {}
+    sampled = [r["eval_after/heldout_sampled/accuracy"] for r in rows if "eval_after/heldout_sampled/accuracy" in r]
+    if sampled:
+        extra["acc_after_sampled"] = sampled[0]
+    if target is not None:
+        extra["time_to_target_s"], extra["steps_to_target"] = time_to_target(rows, target)
+    return extra | {"acc_before": before, "acc_after": after, "wall_s": wall,
             "train_s": total("time/sample") + total("time/score") + total("time/method") + total("time/train"),
             "tokens_generated": total("rollout/tokens"),
             # online truncation scores tokens during sampling; the scorer re-runs the teacher
@@ -154,7 +188,7 @@ def run_sweep(path: Path, argv: list[str], *, train: Callable[..., Any], skip_do
         (Path(cfg.run.out_dir) / ROW_FILE).unlink(missing_ok=True)  # a rerun must not leave a stale row
         start = time.perf_counter()
         result = train(cfg, explicit, argv=argv)
-        summary = summarize_run(Path(result.run_dir), time.perf_counter() - start)
+        summary = summarize_run(Path(result.run_dir), time.perf_counter() - start, sweep.target_accuracy)
         (Path(result.run_dir) / ROW_FILE).write_text(json.dumps(summary) + "\n", encoding="utf-8")
         rows.append(row | summary)
         say(f"[{i}/{len(plans)}] {row['method']} seed {seed}: held-out accuracy {100 * summary['acc_before']:.1f}% -> "
@@ -164,6 +198,9 @@ def run_sweep(path: Path, argv: list[str], *, train: Callable[..., Any], skip_do
 
 
 COLUMNS = ["acc_before", "acc_after", "wall_s", "train_s", "tokens_generated", "tokens_scored", "tokens_trained"]
+OPTIONAL_COLUMNS = ["acc_after_sampled", "time_to_target_s", "steps_to_target"]
+"""Present when the runs have them; NaN (target not reached) is left out of the mean and std,
+and `reached` counts the runs that reached the target."""
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -171,10 +208,12 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for label in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == label]
         agg: dict[str, Any] = {"method": label, "seeds": len(group)}
-        for col in COLUMNS:
-            values = [float(r[col]) for r in group]
-            agg[col] = statistics.fmean(values)
+        for col in COLUMNS + [c for c in OPTIONAL_COLUMNS if all(c in r for r in group)]:
+            values = [float(r[col]) for r in group if not math.isnan(float(r[col]))]
+            agg[col] = statistics.fmean(values) if values else math.nan
             agg[f"{col}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            if col == "time_to_target_s":
+                agg["reached"] = len(values)
         out.append(agg)
     return out
 
@@ -190,12 +229,27 @@ def write_table(rows: list[dict[str, Any]], out_dir: Path) -> None:
     pd.DataFrame(rows).to_csv(out_dir / "sweep_runs.csv", index=False)
     agg = aggregate(rows)
     pd.DataFrame(agg).to_csv(out_dir / "sweep.csv", index=False)
-    lines = ["| method | seeds | acc before | acc after | wall s | tokens generated | tokens scored | tokens trained |",
-             "|---|---|---|---|---|---|---|---|"]
+    sampled = all("acc_after_sampled" in a for a in agg)
+    target = all("time_to_target_s" in a for a in agg)
+    head = "| method | seeds | acc before | acc after" + (" | sampled acc after" if sampled else "") + \
+        (" | time to target s (reached)" if target else "") + " | wall s | tokens generated | tokens scored | tokens trained |"
+    lines = [head, "|" + "---|" * (8 + sampled + target)]
+
+    def pm(a: dict[str, Any], col: str, scale: float, unit: str, digits: int) -> str:
+        if math.isnan(a[col]):
+            return "-"
+        spread = f" ± {scale * a[col + '_std']:.{digits}f}" if a["seeds"] > 1 else ""
+        return f"{scale * a[col]:.{digits}f}{unit}{spread}"
+
     for a in agg:
-        spread = f" ± {100 * a['acc_after_std']:.1f}" if a["seeds"] > 1 else ""
-        lines.append(f"| {a['method']} | {a['seeds']} | {100 * a['acc_before']:.1f}% | {100 * a['acc_after']:.1f}%{spread} "
-                     f"| {a['wall_s']:.0f} | {a['tokens_generated']:.0f} | {a['tokens_scored']:.0f} | {a['tokens_trained']:.0f} |")
+        cells = [a["method"], str(a["seeds"]), f"{100 * a['acc_before']:.1f}%", pm(a, "acc_after", 100, "%", 1)]
+        if sampled:
+            cells.append(pm(a, "acc_after_sampled", 100, "%", 1))
+        if target:
+            cells.append(f"{pm(a, 'time_to_target_s', 1, '', 0)} ({a['reached']}/{a['seeds']})")
+        cells += [f"{a['wall_s']:.0f}", f"{a['tokens_generated']:.0f}", f"{a['tokens_scored']:.0f}",
+                  f"{a['tokens_trained']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     (out_dir / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = [a["method"] for a in agg]

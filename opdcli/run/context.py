@@ -75,9 +75,16 @@ class RunContext:
             return {}
         from opdcli.run.heldout import heldout_accuracy
 
-        tokens = self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens
-        return heldout_accuracy(self.eval_model, self.tokenizer, self.heldout, tokens, self.cfg.eval.batch_size,
-                                d=self.d, stop_tokens=tuple(self.cfg.rollout.stop_tokens))
+        e = self.cfg.eval
+        tokens = e.max_new_tokens or self.cfg.rollout.max_new_tokens
+        stops = tuple(self.cfg.rollout.stop_tokens)
+        out = heldout_accuracy(self.eval_model, self.tokenizer, self.heldout, tokens, e.batch_size,
+                               d=self.d, stop_tokens=stops)
+        if e.samples > 0:
+            out |= heldout_accuracy(self.eval_model, self.tokenizer, self.heldout, tokens, e.batch_size,
+                                    prefix="eval/heldout_sampled", d=self.d, stop_tokens=stops,
+                                    samples=e.samples, temperature=e.temperature, seed=e.seed)
+        return out
 
     def periodic(self, step_idx: int, metrics: dict[str, float], learner: Any, method: Any) -> None:
         """After an optimizer step: bookkeeping, cadenced eval, logging and checkpoints."""

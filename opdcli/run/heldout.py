@@ -1,4 +1,5 @@
-"""Held-out accuracy during training: greedy decoding, boxed-answer exact match.
+"""Held-out accuracy during training: greedy decoding (and, with eval.samples, sampled answers
+at eval.temperature with a fixed seed), boxed-answer exact match.
 
 Uses the same grader (`opdcli.grading.grade`) as `opd eval --bench toy-arith`. Under torchrun
 every rank decodes its share of the problems and the counts are summed.
@@ -18,19 +19,27 @@ from opdcli.grading import grade, last_boxed, strip_thinking
 @torch.no_grad()
 def heldout_accuracy(model, tokenizer, prompts: list[Prompt], max_new_tokens: int,
                      batch_size: int, prefix: str = "eval/heldout", d: Dist = ALONE,
-                     stop_tokens: tuple[str, ...] = ()) -> dict[str, float]:
-    """Accuracy, no-answer rate, truncation rate and mean response length (tokens); responses
-    end at the EOS ids and at `stop_tokens` (rollout.stop_tokens), as in training."""
+                     stop_tokens: tuple[str, ...] = (), samples: int = 1, temperature: float = 0.0,
+                     seed: int = 0) -> dict[str, float]:
+    """Accuracy, no-answer rate, truncation rate and mean response length (tokens) over every
+    answer; responses end at the EOS ids and at `stop_tokens` (rollout.stop_tokens), as in
+    training. Greedy by default; with `temperature` > 0, `samples` answers per problem drawn
+    with noise seeded by `seed` (the accuracy is then avg@samples)."""
     from opdcli.engines.types import RowShard
 
+    prompts = [p for p in prompts for _ in range(samples if temperature > 0 else 1)]
     texts = [render(tokenizer, p) for p in prompts]
-    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size,
+    params = SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             stop_tokens=stop_tokens)
     start, stop = d.shard(len(prompts))
     counts = {"accuracy": 0.0, "no_answer_rate": 0.0, "truncated_rate": 0.0, "response_len": 0.0}
     if stop > start:
         shard = RowShard(start, stop, len(prompts), reduce_max=None)
-        batch = HFSampler(model, tokenizer).sample(texts, params, shard=shard)
+        generator = None
+        if temperature > 0:
+            device = next(model.parameters()).device
+            generator = torch.Generator(device=device).manual_seed(seed)
+        batch = HFSampler(model, tokenizer, generator=generator).sample(texts, params, shard=shard)
         responses = decode_responses(tokenizer, batch)
         mine = prompts[start:stop]
         counts = {
