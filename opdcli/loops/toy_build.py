@@ -90,9 +90,9 @@ TOY_SPECS |= {
                                   task=FORMS_TASK, head_dim=32, **_FORMS),
     "teacher-forms-symbolic": ToyModelSpec("teacher-forms-symbolic", hidden=160, layers=4, steps=1200,
                                            schedule_steps=1200, task=FORMS_SYMBOLIC_TASK, head_dim=32, **_FORMS),
-    "student-forms": ToyModelSpec("student-forms", hidden=96, layers=2, steps=300, schedule_steps=900,
+    "student-forms": ToyModelSpec("student-forms", hidden=128, layers=3, steps=800, schedule_steps=1600,
                                   task=FORMS_TASK, head_dim=32, **_FORMS),
-    "student-forms-plus": ToyModelSpec("student-forms-plus", hidden=96, layers=2, steps=600, schedule_steps=600,
+    "student-forms-plus": ToyModelSpec("student-forms-plus", hidden=128, layers=3, steps=600, schedule_steps=600,
                                        init_from="student-forms", task=FORMS_TASK, head_dim=32, **_FORMS),
 }
 
