@@ -13,9 +13,10 @@ Per scored token, as in `opdcli.methods.topd` (methods.md §5.2, §5.3):
 Reported with both thresholds the method offers: delta = 0.1 nats (`Options.topd_delta`, the
 method's default: the share is measured) and delta = median(D) (about half of all windows are
 low-divergence by construction, so the share mostly reflects the threshold); the share of
-high-loss tokens that are low-divergence, and the joint 2-D histogram of l_t and Dbar_t. The percentile and the median are global; they come from a uniform sample
-of at most `Options.sample_size` tokens (exact when the input has fewer tokens), which keeps
-memory bounded. Per step the same share uses that step's own thresholds, like the method's
+high-loss tokens that are low-divergence, and the joint 2-D histogram of l_t and Dbar_t. The
+percentile and the median are global; they come from a uniform sample of at most
+`Options.sample_size` tokens (exact when the input has fewer tokens), which keeps memory
+bounded. Per step the same share uses that step's own thresholds, like the method's
 per-batch thresholds.
 """
 

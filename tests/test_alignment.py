@@ -110,15 +110,21 @@ def test_chunked_checkpointed_grads_equal_plain(tiny_dirs):
     assert grads[0].abs().sum() > 0
 
 
+def _two_rows() -> tuple[torch.Tensor, torch.Tensor, RolloutBatch]:
+    """Two 2-token prompts with 3-token responses, all valid, sampled by policy version 7."""
+    resp = torch.tensor([[10, 11, 12], [13, 14, 15]])
+    ids = torch.cat([torch.tensor([[20, 21], [22, 23]]), resp], 1)
+    batch = RolloutBatch(ids, torch.ones_like(ids), 2, resp, torch.ones_like(resp), torch.zeros(2, 3),
+                         torch.ones(2, dtype=torch.bool), (0, 1), ("a", "b"), version_B=torch.tensor([7, 7]))
+    return ids, resp, batch
+
+
 def test_score_rollouts_teacher_on_student_topk_is_gathered(tiny_dirs):
     from transformers import AutoModelForCausalLM
 
     s = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"]).eval()
     t = AutoModelForCausalLM.from_pretrained(tiny_dirs["teacher"]).eval()
-    resp = torch.tensor([[10, 11, 12], [13, 14, 15]])
-    ids = torch.cat([torch.tensor([[20, 21], [22, 23]]), resp], 1)
-    batch = RolloutBatch(ids, torch.ones_like(ids), 2, resp, torch.ones_like(resp), torch.zeros(2, 3),
-                         torch.ones(2, dtype=torch.bool), (0, 1), ("a", "b"), version_B=torch.tensor([7, 7]))
+    ids, resp, batch = _two_rows()
     sc = score_rollouts(s, t, batch, k=4, chunk_tokens=2, batch_size=1)
     with torch.no_grad():
         t_lsm = t(input_ids=ids).logits.log_softmax(-1)[:, 1:4]
@@ -138,10 +144,7 @@ def test_scorer_gives_the_student_on_the_teachers_top_k_only_when_asked(tiny_dir
 
     s = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"]).eval()
     t = AutoModelForCausalLM.from_pretrained(tiny_dirs["teacher"]).eval()
-    resp = torch.tensor([[10, 11, 12], [13, 14, 15]])
-    ids = torch.cat([torch.tensor([[20, 21], [22, 23]]), resp], 1)
-    batch = RolloutBatch(ids, torch.ones_like(ids), 2, resp, torch.ones_like(resp), torch.zeros(2, 3),
-                         torch.ones(2, dtype=torch.bool), (0, 1), ("a", "b"), version_B=torch.tensor([0, 0]))
+    ids, resp, batch = _two_rows()
     plain = HFScorer(s, t, k=4, chunk_tokens=2, batch_size=1).score(batch)
     assert plain.student_lp_on_teacher_topk_B_T_K is None
     sc = HFScorer(s, t, k=4, chunk_tokens=2, batch_size=1, student_on_teacher_topk=True).score(batch)

@@ -72,9 +72,9 @@ class HFScorer:
         """
         assert batch.version_B is not None, "the sampler stamps every row with its policy version"
         pieces: dict[str, list[torch.Tensor]] = {}
+        cross = with_student and self.student_on_teacher_topk
         for a in range(0, batch.batch_size, self.batch_size):
             sub = batch.rows(slice(a, a + self.batch_size))
-            cross = with_student and self.student_on_teacher_topk
             if with_student:
                 s, h_s = self._stats(self.student, sub, self.k, keep_hidden=cross)
                 got = {"s_lp": s.lp_B_T, "s_ids": s.topk_ids_B_T_K, "s_top": s.topk_lp_B_T_K}

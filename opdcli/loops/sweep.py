@@ -116,7 +116,7 @@ def summarize_run(run_dir: Path, wall: float, target: float | None = None) -> di
     if target is not None:
         extra["time_to_target_s"], extra["steps_to_target"] = time_to_target(rows, target)
     return extra | {"acc_before": before, "acc_after": after, "wall_s": wall,
-            "train_s": total("time/sample") + total("time/score") + total("time/method") + total("time/train"),
+            "train_s": sum(total(k) for k in TRAIN_TIME),
             "tokens_generated": total("rollout/tokens"),
             # online truncation scores tokens during sampling; the scorer re-runs the teacher
             # only on tokens whose follower states it could not reuse

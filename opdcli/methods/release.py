@@ -164,7 +164,7 @@ class ReleaseRule(Method):
             weight, kept = keep_weights(len(pos_T), cut, c.rescale, c.cap)
             w_B_T[b, pos_T[:kept].to(w_B_T.device)] = weight
             kept_total, valid_total = kept_total + kept, valid_total + len(pos_T)
-            capped += int(kept > 0 and weight * kept < len(pos_T) - 1e-6 and c.rescale == "tokens")
+            capped += int(c.rescale == "tokens" and c.cap is not None and kept > 0 and len(pos_T) / kept > c.cap)
             end = int(pos_T[-1]) + 1 if len(pos_T) else 0
             cut_token = int(pos_T[cut]) if cut < len(pos_T) else end
             for key, value in (("release_segment", cp.release_segment),

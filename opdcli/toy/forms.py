@@ -86,28 +86,21 @@ class FormsTask(ProblemStream):
 
     def sample(self, rng: random.Random) -> ToyProblem:
         a, b = rng.randint(11, 49), rng.randint(2, 9)
-        ops, operands, value = [], [], a * b
+        steps = [(a, "*", b, a * b)]
         for _ in range(self.n_ops):
-            y = rng.randint(1, self.max_operand)
+            value, y = steps[-1][3], rng.randint(1, self.max_operand)
             op = rng.choice("+-")
             if op == "-" and value - y < 0 or op == "+" and value + y > MAX_VALUE:
                 op = "+" if op == "-" else "-"
-            value = value + y if op == "+" else value - y
-            ops.append(op)
-            operands.append(y)
-        question = f"{a}*{b}" + "".join(f"{op}{y}" for op, y in zip(ops, operands, strict=True))
-        return self.solve(question, a, b, ops, operands)
+            steps.append((value, op, y, value + y if op == "+" else value - y))
+        return self.solve(steps)
 
-    def solve(self, question: str, a: int, b: int, ops: list[str], operands: list[int]) -> ToyProblem:
-        """The gold solution in this task's style (forms drawn with a generator seeded by the question)."""
+    def solve(self, steps: list[tuple[int, str, int, int]]) -> ToyProblem:
+        """The problem of the steps (a, op, b, c) and its gold solution in this task's style
+        (forms drawn with a generator seeded by the question)."""
+        question = f"{steps[0][0]}*{steps[0][2]}" + "".join(f"{op}{y}" for _, op, y, _ in steps[1:])
         style = STYLES[self.style]
         rng = random.Random(f"{self.style}:{question}")
-        steps = [(a, "*", b, a * b)]
-        value = a * b
-        for op, y in zip(ops, operands, strict=True):
-            nxt = value + y if op == "+" else value - y
-            steps.append((value, op, y, nxt))
-            value = nxt
         text = []
         for i, (x, op, y, z) in enumerate(steps):
             if i < self.canonical_steps:
@@ -116,6 +109,6 @@ class FormsTask(ProblemStream):
             form = rng.choices(FORMS, weights=style.forms)[0]
             connective = rng.choice(CONNECTIVES) if rng.random() < style.connective else ""
             text.append(write_step(x, op, y, z, form, connective))
-        answer = str(value)
+        answer = str(steps[-1][3])
         solution = " ".join(text + [f"\\boxed{{{answer}}}"])
         return ToyProblem(question=question, prompt=f"Compute {question}.", solution=solution, answer=answer)
