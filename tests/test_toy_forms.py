@@ -6,10 +6,11 @@ import random
 import re
 
 import pytest
+import torch
 
 from opdcli import config as C
-from opdcli.errors import ConfigError
-from opdcli.toy.forms import CONNECTIVES, STYLES, FormsTask, write_step
+from opdcli.errors import ConfigError, ModelError
+from opdcli.toy.forms import CONNECTIVES, STYLES, FormsTask, read_steps, write_step
 from opdcli.validate import validate_train_config
 
 STEP = re.compile(
@@ -129,14 +130,59 @@ def test_build_a_forms_model_with_padded_embeddings(tmp_path):
     from opdcli.toy.tokenizer import FORMS_EMBEDDINGS
 
     spec = TOY_SPECS["student-forms"]
-    assert spec.world == "forms" and spec.task.style == "even"
+    assert spec.world == "forms" and spec.task.style == "even" and spec.init_from == "student-forms-8"
     assert TOY_SPECS["teacher-forms-symbolic"].task.style == "symbolic"
-    metrics = build_toy_model(spec, tmp_path / "s", distill=run_distill, steps=2, eval_size=4)
-    assert 0.0 <= metrics["eval/heldout/accuracy"] <= 1.0
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "s")
+    with pytest.raises(ModelError, match="build it first: opd toy build student-forms-8"):
+        build_toy_model(spec, tmp_path / "student-forms", distill=run_distill, steps=1, eval_size=2)
+    first = build_toy_model(TOY_SPECS["student-forms-8"], tmp_path / "student-forms-8", distill=run_distill,
+                            steps=2, eval_size=4)
+    metrics = build_toy_model(spec, tmp_path / "student-forms", distill=run_distill, steps=2, eval_size=4)
+    assert 0.0 <= first["eval/heldout/accuracy"] <= 1.0 and 0.0 <= metrics["eval/heldout/accuracy"] <= 1.0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "student-forms")
+    start = AutoModelForCausalLM.from_pretrained(tmp_path / "student-forms-8")
+    assert not torch.equal(model.lm_head.weight, start.lm_head.weight)  # stage 2 trained on from stage 1
+    tok = AutoTokenizer.from_pretrained(tmp_path / "student-forms")
     assert model.config.vocab_size == FORMS_EMBEDDINGS > len(tok)
     assert model.config.head_dim == 32 and tok.eos_token_id == model.generation_config.eos_token_id
+
+
+def test_forms_curriculum_stages_come_first_and_share_the_architecture():
+    """Every forms model that grows from another is listed after it (the default build order),
+    in the same world, with the same architecture, on a task at least as long."""
+    from opdcli.loops.toy_build import TOY_SPECS
+
+    order = list(TOY_SPECS)
+    grown = [s for s in TOY_SPECS.values() if s.world == "forms" and s.init_from]
+    assert {s.name for s in grown} >= {"teacher-forms", "teacher-forms-symbolic", "student-forms"}
+    for spec in grown:
+        start = TOY_SPECS[spec.init_from]
+        assert order.index(start.name) < order.index(spec.name) and start.world == spec.world
+        assert (start.hidden, start.layers, start.head_dim) == (spec.hidden, spec.layers, spec.head_dim)
+        assert start.task.n_ops <= spec.task.n_ops
+    assert TOY_SPECS["teacher-forms-8"].task.n_ops == 8 and TOY_SPECS["teacher-forms"].task.n_ops == 16
+
+
+def test_read_steps_finds_the_pointer_and_the_arithmetic_errors():
+    for style in sorted(STYLES):
+        task = FormsTask(n_ops=6, style=style)
+        for i in range(50):
+            p = task.sample(random.Random(i))
+            read = read_steps(p.question, p.solution)
+            assert len(read) == 7 and all(s.arithmetic_right and s.operand_right for s in read)
+            assert [s.form for s in read] == [f for *_, f in parse(p.solution)[0]]
+    q = "12*3+4-5+6"
+    # the right operation, wrong sum; then the next step carries the wrong value (still on the pointer)
+    read = read_steps(q, "12*3=36. 36+4=41. 41 minus 5 is 36. 42 = 36 + 6. \\boxed{42}")
+    assert [(s.arithmetic_right, s.operand_right) for s in read] == [(True, True), (False, True), (True, True),
+                                                                   (True, True)]
+    assert [s.form for s in read] == ["symbolic", "symbolic", "words", "result_first"]
+    # skipping an operation is a pointer error even when the arithmetic is right; a non-step is wrong
+    read = read_steps(q, "12*3=36. 36-5=31. So 31+6=37. I am done. \\boxed{37}")
+    assert [(s.arithmetic_right, s.operand_right) for s in read] == [(True, True), (True, False), (True, False),
+                                                                   (False, False)]
+    assert read[-1].form is None
+    # a step that starts from another value than the previous result is off the pointer
+    assert not read_steps(q, "12*3=36. 30+4=34.")[1].operand_right
 
 
 def test_toy_build_refuses_an_unknown_world(tmp_path):

@@ -30,6 +30,7 @@ problem, so it is reproducible too.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from opdcli.toy.task import ProblemStream, ToyProblem
@@ -112,3 +113,58 @@ class FormsTask(ProblemStream):
         answer = str(steps[-1][3])
         solution = " ".join(text + [f"\\boxed{{{answer}}}"])
         return ToyProblem(question=question, prompt=f"Compute {question}.", solution=solution, answer=answer)
+
+
+_STEP = re.compile(
+    r"^(?:Then |Next, |Now |So )?(?:(?P<a>\d+)(?P<op>[-+*])(?P<b>\d+)=(?P<c>\d+)"
+    r"|(?P<c2>\d+) = (?P<a2>\d+) (?P<op2>[-+*]) (?P<b2>\d+)"
+    r"|(?P<a3>\d+) (?P<w>plus|minus|times) (?P<b3>\d+) is (?P<c3>\d+))$")
+_WORD_OP = {word: op for op, word in WORDS.items()}
+
+
+@dataclass(frozen=True)
+class StepRead:
+    """One sentence of an answer, read against the question's operations."""
+
+    index: int
+    form: str | None
+    """symbolic / result_first / words, or None when the sentence is not a step."""
+    arithmetic_right: bool
+    """c = a op b."""
+    operand_right: bool
+    """op and b are the question's operation at this index, and a carries the previous
+    sentence's result (the question's first operand at step 0): the pointer, apart from the
+    arithmetic."""
+
+
+def question_steps(question: str) -> list[tuple[str, int]]:
+    """The operations of a forms question `a*b+c-d...`: [("*", b), ("+", c), ("-", d), ...]
+    after the first operand."""
+    tokens = re.findall(r"[-+*]|\d+", question)
+    return [(tokens[i], int(tokens[i + 1])) for i in range(1, len(tokens) - 1, 2)]
+
+
+def read_steps(question: str, answer: str) -> list[StepRead]:
+    """Read an answer sentence by sentence (up to its boxed answer) against the question: which
+    form each step is in, whether its arithmetic is right and whether it takes the question's
+    next operation on the value it carries. A sentence that is no step is read as wrong."""
+    ops = question_steps(question)
+    value: int | None = int(re.match(r"\d+", question).group())
+    body = answer.split("\\boxed{", 1)[0]
+    out = []
+    for i, sentence in enumerate(s.strip() for s in body.split(".") if s.strip()):
+        m = _STEP.match(sentence)
+        if m is None:
+            out.append(StepRead(i, None, False, False))
+            value = None
+            continue
+        if m["a"] is not None:
+            a, op, b, c, form = int(m["a"]), m["op"], int(m["b"]), int(m["c"]), "symbolic"
+        elif m["a2"] is not None:
+            a, op, b, c, form = int(m["a2"]), m["op2"], int(m["b2"]), int(m["c2"]), "result_first"
+        else:
+            a, op, b, c, form = int(m["a3"]), _WORD_OP[m["w"]], int(m["b3"]), int(m["c3"]), "words"
+        right = c == {"+": a + b, "-": a - b, "*": a * b}[op]
+        out.append(StepRead(i, form, right, i < len(ops) and ops[i] == (op, b) and a == value))
+        value = c
+    return out
