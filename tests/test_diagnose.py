@@ -360,3 +360,23 @@ def test_top1_agreement_follows_the_teachers_own_favourite(tmp_path):
     diagnose(str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "d"), "--bins", "2")
     position = rows(tmp_path / "d" / "prune_position.csv")
     assert [float(r["top1_agreement"]) for r in position] == [1.0, 0.0]
+
+
+def test_drift_calibration_separates_a_planted_incompatible_pair(tmp_path, capsys):
+    """benchmarks.drift_calibration on two planted files: overlap stays at 15/16 on the
+    compatible one and falls to 8/16 after 30% of the response on the incompatible one, so at
+    K 16 the test o_t < 0.7 fires on no compatible token and on 70% of the incompatible ones,
+    and L_eff follows Prune-OPD's own reliability (events after 1 / w_drop)."""
+    from benchmarks.drift_calibration import main, rates
+
+    assert rates([np.array([1.0, 0.5, 0.5, 1.0, 0.5])], 0.7, 0.5) == (0.6, 0.4)  # w = 1, .5, 0, 0, 0
+    comp = write(tmp_path / "comp.jsonl", 8, t=200, drop=1.0)
+    incomp = write(tmp_path / "incomp.jsonl", 8, t=200, drop=0.3, seed=3)
+    main([str(comp), str(incomp), "--k", "4,16", "--theta", "0.7,0.9", "--w-drop", "0.01", "--out", str(tmp_path / "c")])
+    table = {(int(r["k"]), float(r["theta"])): r for r in rows(tmp_path / "c" / "drift_calibration.csv")}
+    row = table[(16, 0.7)]
+    assert float(row["events_compatible"]) == 0.0 and abs(float(row["events_incompatible"]) - 0.7) < 1e-9
+    # 140 late events: the 100th (token 159) ends the reliable prefix
+    assert float(row["eff_frac_compatible"]) == 1.0 and float(row["eff_frac_incompatible"]) == 159 / 200
+    assert (tmp_path / "c" / "drift_calibration.png").stat().st_size > 0
+    assert "best test with compatible events <= 0.1" in capsys.readouterr().out
