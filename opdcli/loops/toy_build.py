@@ -91,7 +91,7 @@ _FORMS = {"prompts_per_step": 32, "max_new_tokens": 320, "head_dim": 32}
 _STAGE1 = {"lr": 2e-3, "warmup": 30}
 _STAGE2 = {"lr": 1e-3, "warmup": 20}
 TOY_SPECS |= {
-    "teacher-forms-8": ToyModelSpec("teacher-forms-8", hidden=160, layers=4, steps=800, schedule_steps=800,
+    "teacher-forms-8": ToyModelSpec("teacher-forms-8", hidden=160, layers=4, steps=1200, schedule_steps=1200,
                                     task=replace(FORMS_TASK, n_ops=8), **_FORMS, **_STAGE1),
     "teacher-forms": ToyModelSpec("teacher-forms", hidden=160, layers=4, steps=700, schedule_steps=700,
                                   init_from="teacher-forms-8", task=FORMS_TASK, **_FORMS, **_STAGE2),
