@@ -76,15 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     comp, incomp = read_overlaps(args.compatible, ks), read_overlaps(args.incompatible, ks)
     rows = []
     for k in ks:
-        for theta in thetas:
-            if k == 1 and theta not in (thetas[0],):
-                continue  # at K 1 the overlap is 0 or 1: every theta in (0, 1] is the same test
+        mean_overlap = {"overlap_compatible": float(np.concatenate(comp[k]).mean()),
+                        "overlap_incompatible": float(np.concatenate(incomp[k]).mean())}
+        # at K 1 the overlap is 0 or 1: every theta in (0, 1] is the same test
+        for theta in thetas[:1] if k == 1 else thetas:
             rc, ec = rates(comp[k], theta, args.w_drop)
             ri, ei = rates(incomp[k], theta, args.w_drop)
             rows.append({"k": k, "theta": theta, "events_compatible": rc, "events_incompatible": ri,
                          "separation": ri - rc, "eff_frac_compatible": ec, "eff_frac_incompatible": ei,
-                         "overlap_compatible": float(np.concatenate(comp[k]).mean()),
-                         "overlap_incompatible": float(np.concatenate(incomp[k]).mean())})
+                         **mean_overlap})
     print(f"{'K':>3} {'theta':>5} {'events comp':>11} {'events incomp':>13} {'separation':>10} "
           f"{'Leff/T comp':>11} {'Leff/T incomp':>13}")
     for r in rows:

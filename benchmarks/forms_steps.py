@@ -6,8 +6,8 @@
 Decodes `--n` held-out problems of the forms world (`data.toy.world: forms`, the same split
 training evaluates on) and reads each answer sentence by sentence (`opdcli.toy.forms.read_steps`):
 the share of steps whose arithmetic is right, the share that take the question's next operation
-on the value they carry (the pointer), the median first wrong step, the forms written and the
-answers' accuracy. Prints one row per model and writes forms_steps.csv (and the per-step rows,
+on the value they carry (the pointer), the median first wrong step, the forms of the late steps (after the
+always-symbolic first `canonical_steps`) and the answers' accuracy. Prints one row per model and writes forms_steps.csv (and the per-step rows,
 forms_steps_by_index.csv: accuracy of each step index, the curve a plot of drift would use)
 under --out.
 """
@@ -27,7 +27,7 @@ from opdcli.engines.hf_sampler import HFSampler, decode_responses
 from opdcli.engines.types import SamplingParams
 from opdcli.grading import grade
 from opdcli.models import load_model, load_tokenizer, resolve_device, resolve_dtype
-from opdcli.toy.forms import FORMS, read_steps
+from opdcli.toy.forms import FORMS, question_of, read_steps
 
 
 def read_model(name: str, data: DataConfig, n: int, temperature: float, max_new_tokens: int, seed: int,
@@ -42,14 +42,14 @@ def read_model(name: str, data: DataConfig, n: int, temperature: float, max_new_
     answers = decode_responses(tok, batch)
     steps, first_wrong, by_index = [], [], {}
     for prompt, answer in zip(prompts, answers, strict=True):
-        question = prompt.messages[-1]["content"].removeprefix("Compute ").removesuffix(".")
-        read = read_steps(question, answer)
+        read = read_steps(question_of(prompt.messages[-1]["content"]), answer)
         steps += read
         wrong = [s.index for s in read if not (s.arithmetic_right and s.operand_right)]
         first_wrong.append(wrong[0] if wrong else len(read))
         for s in read:
             by_index.setdefault(s.index, []).append(s.arithmetic_right and s.operand_right)
     total = max(1, len(steps))
+    late = [s for s in steps if s.index >= data.toy.canonical_steps]  # the steps whose form is free
     row = {
         "model": name, "answers": len(answers), "temperature": temperature,
         "accuracy": sum(grade(a, p.answer or "") for a, p in zip(answers, prompts, strict=True)) / len(answers),
@@ -58,7 +58,7 @@ def read_model(name: str, data: DataConfig, n: int, temperature: float, max_new_
         "operand_right": sum(s.operand_right for s in steps) / total,
         "median_first_wrong_step": statistics.median(first_wrong),
         "not_a_step": sum(s.form is None for s in steps) / total,
-        **{f"form_{f}": sum(s.form == f for s in steps[2:]) / total for f in FORMS},
+        **{f"late_form_{f}": sum(s.form == f for s in late) / max(1, len(late)) for f in FORMS},
     }
     curve = [{"model": name, "step_index": i, "answers": len(v), "step_right": sum(v) / len(v)}
              for i, v in sorted(by_index.items())]
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("forms_steps"))
     args = ap.parse_args(argv)
     data = DataConfig(source="toy", toy=ToyTaskConfig(world="forms", n_ops=args.n_ops, max_operand=args.max_operand,
-                                                      heldout_size=max(args.n, 256)))
+                                                      heldout_size=args.n))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     rows, curves = [], []

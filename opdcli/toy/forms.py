@@ -57,6 +57,17 @@ STYLES = {
     "words": Style((0.1, 0.1, 0.8), 0.5),
 }
 MAX_VALUE = 999
+PROMPT = "Compute {}."
+
+
+def apply(a: int, op: str, b: int) -> int:
+    """a op b for the world's three operations."""
+    return a * b if op == "*" else a + b if op == "+" else a - b
+
+
+def question_of(prompt: str) -> str:
+    """The question of a forms prompt (the inverse of PROMPT)."""
+    return prompt.removeprefix(PROMPT.split("{}")[0]).removesuffix(PROMPT.split("{}")[1])
 
 
 def write_step(a: int, op: str, b: int, c: int, form: str, connective: str = "") -> str:
@@ -93,7 +104,7 @@ class FormsTask(ProblemStream):
             op = rng.choice("+-")
             if op == "-" and value - y < 0 or op == "+" and value + y > MAX_VALUE:
                 op = "+" if op == "-" else "-"
-            steps.append((value, op, y, value + y if op == "+" else value - y))
+            steps.append((value, op, y, apply(value, op, y)))
         return self.solve(steps)
 
     def solve(self, steps: list[tuple[int, str, int, int]]) -> ToyProblem:
@@ -112,7 +123,7 @@ class FormsTask(ProblemStream):
             text.append(write_step(x, op, y, z, form, connective))
         answer = str(steps[-1][3])
         solution = " ".join(text + [f"\\boxed{{{answer}}}"])
-        return ToyProblem(question=question, prompt=f"Compute {question}.", solution=solution, answer=answer)
+        return ToyProblem(question=question, prompt=PROMPT.format(question), solution=solution, answer=answer)
 
 
 _STEP = re.compile(
@@ -164,7 +175,6 @@ def read_steps(question: str, answer: str) -> list[StepRead]:
             a, op, b, c, form = int(m["a2"]), m["op2"], int(m["b2"]), int(m["c2"]), "result_first"
         else:
             a, op, b, c, form = int(m["a3"]), _WORD_OP[m["w"]], int(m["b3"]), int(m["c3"]), "words"
-        right = c == {"+": a + b, "-": a - b, "*": a * b}[op]
-        out.append(StepRead(i, form, right, i < len(ops) and ops[i] == (op, b) and a == value))
+        out.append(StepRead(i, form, c == apply(a, op, b), i < len(ops) and ops[i] == (op, b) and a == value))
         value = c
     return out
