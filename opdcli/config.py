@@ -358,6 +358,10 @@ class EvalConfig:
     seed: int = 1234
     """Seed of the sampled evaluation's noise: the same for every run and every evaluation, so
     two runs are compared on the same random numbers."""
+    samples_every: int = 0
+    """Sampled evaluation cadence: every N steps (a multiple of eval.every), and always before and
+    after training; 0: at every evaluation. The sampled pass costs about eval.samples greedy
+    ones, so a long sweep can keep a dense greedy curve and a sparse sampled one."""
 
 
 @dataclass(frozen=True)

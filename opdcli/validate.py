@@ -121,10 +121,15 @@ def validate_common(cfg: Any, explicit: set[str]) -> None:
     if cfg.eval.samples < 0:
         raise ConfigError(f"eval.samples is {cfg.eval.samples}; it must be >= 0 (0: greedy evaluation only)")
     if cfg.eval.samples == 0:
-        _refuse(explicit, ["eval.temperature", "eval.seed"], "only the sampled evaluation (eval.samples > 0) uses it")
+        _refuse(explicit, ["eval.temperature", "eval.seed", "eval.samples_every"],
+                "only the sampled evaluation (eval.samples > 0) uses it")
     elif not cfg.eval.temperature > 0:
         raise ConfigError(f"eval.temperature is {cfg.eval.temperature}; the sampled evaluation needs a "
                           "temperature > 0 (greedy accuracy is always reported)")
+    elif cfg.eval.samples_every < 0 or (cfg.eval.samples_every and (
+            not cfg.eval.every or cfg.eval.samples_every % cfg.eval.every)):
+        raise ConfigError(f"eval.samples_every is {cfg.eval.samples_every}; it must be 0 (every evaluation) or a "
+                          f"multiple of eval.every ({cfg.eval.every}), the steps where evaluations happen")
     if cfg.data.source != "toy":
         _refuse(explicit, [k for k in explicit if k.startswith("data.toy.")],
                 "data.toy.* only applies to data.source=toy")

@@ -215,3 +215,30 @@ def test_sampled_heldout_evaluation_is_seeded_and_validated(tiny_dirs, toy_token
         cfg, explicit = C.load_config(C.TrainRunConfig, None, overrides)
         with pytest.raises(ConfigError, match=message):
             validate_train_config(cfg, explicit)
+
+
+def test_sampled_evaluation_cadence(tmp_path):
+    """eval.samples_every: the greedy curve at every evaluation, the sampled one only at its own
+    multiples (and before and after training); a cadence off the evaluation steps is refused."""
+    from opdcli.loops.train import run_train
+    from opdcli.run.tracking import read_metrics
+
+    overrides = [f"run.out_dir={tmp_path}", "train.max_steps=4", "rollout.prompts_per_step=2",
+                 "train.rollouts_every=0", "eval.size=4", "eval.every=1", "eval.samples=2", "eval.samples_every=2"]
+    cfg, explicit = C.load_config(C.TrainRunConfig, "configs/toy/opd.yaml", overrides)
+    run_train(cfg, explicit, argv=["test"])
+    greedy, sampled = set(), set()
+    for row in read_metrics(tmp_path / "metrics.jsonl"):
+        for label in ("eval", "eval_before", "eval_after"):
+            if f"{label}/heldout/accuracy" in row:
+                greedy.add((label, row["progress/step"]))
+            if f"{label}/heldout_sampled/accuracy" in row:
+                sampled.add((label, row["progress/step"]))
+    assert greedy == {("eval_before", 0), ("eval", 1), ("eval", 2), ("eval", 3), ("eval_after", 4)}
+    assert sampled == {("eval_before", 0), ("eval", 2), ("eval_after", 4)}
+    for overrides, message in ((["eval.samples=2", "eval.every=2", "eval.samples_every=3"], "multiple of eval.every"),
+                               (["eval.samples=2", "eval.every=0", "eval.samples_every=2"], "multiple of eval.every"),
+                               (["eval.samples_every=2"], "eval.samples_every cannot take effect")):
+        cfg, explicit = C.load_config(C.TrainRunConfig, None, overrides)
+        with pytest.raises(ConfigError, match=message):
+            validate_train_config(cfg, explicit)

@@ -69,8 +69,9 @@ class RunContext:
     idle_steps: int = 0
     collapse_warned: bool = False
 
-    def evaluate(self) -> dict[str, float]:
-        """Greedy held-out accuracy of the student (every rank decodes a share; empty without a set)."""
+    def evaluate(self, sampled: bool = True) -> dict[str, float]:
+        """Greedy held-out accuracy of the student (every rank decodes a share; empty without a
+        set), and the sampled one when eval.samples > 0 and `sampled`."""
         if self.heldout is None:
             return {}
         from opdcli.run.heldout import heldout_accuracy
@@ -80,7 +81,7 @@ class RunContext:
         stops = tuple(self.cfg.rollout.stop_tokens)
         out = heldout_accuracy(self.eval_model, self.tokenizer, self.heldout, tokens, e.batch_size,
                                d=self.d, stop_tokens=stops)
-        if e.samples > 0:
+        if e.samples > 0 and sampled:
             out |= heldout_accuracy(self.eval_model, self.tokenizer, self.heldout, tokens, e.batch_size,
                                     prefix="eval/heldout_sampled", d=self.d, stop_tokens=stops,
                                     samples=e.samples, temperature=e.temperature, seed=e.seed)
@@ -92,8 +93,9 @@ class RunContext:
         self._watch_updates(metrics)
         every, done = self.cfg.eval.every, step_idx + 1
         if every and done % every == 0 and done < self.cfg.train.max_steps:
+            sampled = not self.cfg.eval.samples_every or done % self.cfg.eval.samples_every == 0
             with timed(metrics, "eval"):
-                metrics |= self.evaluate()
+                metrics |= self.evaluate(sampled)
         if self.metrics is not None:
             self.metrics.log(done, metrics)
         if self.cfg.train.save_every and done % self.cfg.train.save_every == 0:
