@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from opdcli.errors import ConfigError
@@ -121,6 +122,34 @@ methods: [opd]
     table = (tmp_path / "out" / "sweep.md").read_text()
     assert "sampled acc after" in table and "time to target s (reached)" in table
     assert "(0/1)" in table or "(1/1)" in table
+    curves = pd.read_csv(tmp_path / "out" / "sweep_curves.csv")
+    assert list(curves["step"]) == [0, 1, 2] and curves["sampled_accuracy"].notna().all()
+    assert curves["train_s"].is_monotonic_increasing and curves["train_s"].iloc[0] == 0
+    assert (tmp_path / "out" / "sweep_curves.png").stat().st_size > 0
+    # a reused run's row is summarised again under the sweep's current target (here: none)
+    f.write_text(f.read_text().replace("target_accuracy: 0.01", "target_accuracy: null"))
+    again = run_sweep(f, ["test"], train=run_train, skip_done=True)
+    assert "time_to_target_s" not in again[0] and again[0]["acc_after"] == rows[0]["acc_after"]
+    assert "time to target" not in (tmp_path / "out" / "sweep.md").read_text()
+    f.write_text(f.read_text().replace("target_accuracy: null", "target_accuracy: 0.01"))
     with pytest.raises(ConfigError, match="target_accuracy is 30"):
         f.write_text(f.read_text().replace("target_accuracy: 0.01", "target_accuracy: 30"))
         load_sweep(f)
+
+
+def test_mean_curve_averages_the_steps_every_seed_evaluated():
+    """Two seeds' curves: step 2 only in the first is left out; mean and sample std per step."""
+    from opdcli.loops.sweep_curves import mean_curve, run_curve
+
+    rows = [{"progress/step": 0, "eval_before/heldout/accuracy": 0.1, "eval_before/heldout_sampled/accuracy": 0.05}]
+    rows += [{"progress/step": s, "loss/total": 1.0, "time/sample": 2.0, "time/score": 1.0, "rollout/tokens": 10 * s}
+             for s in (1, 2, 3)]
+    rows[2]["eval/heldout/accuracy"] = 0.2
+    rows.append({"progress/step": 3, "eval_after/heldout/accuracy": 0.3})
+    evals, steps = run_curve(rows)
+    assert [(p["step"], p["train_s"], p["accuracy"]) for p in evals] == [(0, 0, 0.1), (2, 6, 0.2), (3, 9, 0.3)]
+    assert evals[0]["sampled_accuracy"] == 0.05 and "sampled_accuracy" not in evals[1]
+    assert [s["tokens_generated"] for s in steps] == [10, 20, 30]
+    other = [{"step": 0.0, "train_s": 0.0, "accuracy": 0.3}, {"step": 3.0, "train_s": 5.0, "accuracy": 0.5}]
+    got = [v for point in mean_curve([evals, other], "accuracy") for v in point]
+    assert got == pytest.approx([0, 0, 0.2, 0.1414213562, 3, 7, 0.4, 0.1414213562])

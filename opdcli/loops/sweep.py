@@ -6,7 +6,8 @@ The sweep file names a base training config, shared overrides, the seeds and the
 (each with its own options and extra overrides). Every run gets its own directory under
 `out_dir`; the comparison table (sweep.csv, sweep.md, sweep.png) reports held-out accuracy
 before and after, wall time, tokens generated, tokens scored by the teacher and tokens
-trained on, with the mean and spread over seeds.
+trained on, with the mean and spread over seeds; sweep_curves.csv / .png hold the learning
+curves (opdcli.loops.sweep_curves).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 
 from opdcli.config import TrainRunConfig, build_dataclass, load_config, read_yaml, to_dict
 from opdcli.errors import ConfigError
+from opdcli.loops.sweep_curves import TRAIN_TIME, run_curve, write_curves
 from opdcli.run.tracking import read_metrics
 
 
@@ -81,23 +83,12 @@ def run_overrides(sweep: SweepConfig, method: SweepMethod, seed: int) -> list[st
             f"run.out_dir={Path(sweep.out_dir) / f'{label}-seed{seed}'}", "run.overwrite=true"]
 
 
-TRAIN_TIME = ("time/sample", "time/score", "time/method", "time/train")
-
-
 def time_to_target(rows: list[dict[str, Any]], target: float) -> tuple[float, float]:
     """(training seconds, steps) up to the first held-out evaluation at or above `target`, or
     (nan, nan) when no evaluation reaches it."""
-    if any(r.get("eval_before/heldout/accuracy", -1.0) >= target for r in rows):
-        return 0.0, 0.0
-    spent, steps = 0.0, 0
-    for r in rows:
-        if "loss/total" in r:
-            spent += sum(r.get(k) or 0.0 for k in TRAIN_TIME)
-            steps = int(r.get("progress/step", steps + 1))
-        accuracy = r.get("eval/heldout/accuracy", r.get("eval_after/heldout/accuracy"))
-        if accuracy is not None and accuracy >= target:
-            return spent, float(steps)
-    return math.nan, math.nan
+    evals, _ = run_curve(rows)
+    hit = next((p for p in evals if p["accuracy"] >= target), None)
+    return (hit["train_s"], hit["step"]) if hit is not None else (math.nan, math.nan)
 
 
 def summarize_run(run_dir: Path, wall: float, target: float | None = None) -> dict[str, float]:
@@ -182,7 +173,8 @@ def run_sweep(path: Path, argv: list[str], *, train: Callable[..., Any], skip_do
         done = finished_row(cfg) if skip_done else None
         if done is not None:
             say(f"[{i}/{len(plans)}] {row['method']} seed {seed}: finished in {cfg.run.out_dir}, reused (--skip-done)")
-            rows.append(row | done)
+            # from the run's metrics again: the sweep's target_accuracy may have changed since
+            rows.append(row | summarize_run(Path(cfg.run.out_dir), done["wall_s"], sweep.target_accuracy))
             continue
         say(f"[{i}/{len(plans)}] {row['method']} seed {seed}: training -> {cfg.run.out_dir}")
         (Path(cfg.run.out_dir) / ROW_FILE).unlink(missing_ok=True)  # a rerun must not leave a stale row
@@ -194,6 +186,7 @@ def run_sweep(path: Path, argv: list[str], *, train: Callable[..., Any], skip_do
         say(f"[{i}/{len(plans)}] {row['method']} seed {seed}: held-out accuracy {100 * summary['acc_before']:.1f}% -> "
             f"{100 * summary['acc_after']:.1f}% in {summary['wall_s']:.0f} s")
     write_table(rows, Path(sweep.out_dir))
+    write_curves([(m.label or m.name, seed, Path(cfg.run.out_dir)) for m, seed, cfg, _ in plans], Path(sweep.out_dir))
     return rows
 
 
