@@ -242,3 +242,31 @@ def test_sampled_evaluation_cadence(tmp_path):
         cfg, explicit = C.load_config(C.TrainRunConfig, None, overrides)
         with pytest.raises(ConfigError, match=message):
             validate_train_config(cfg, explicit)
+
+
+def test_shipped_forms_models_solve_and_write_their_style():
+    """The shipped forms world: both 16-operation teachers solve held-out problems the student
+    does not (greedy, 32 problems), and the incompatible teacher never writes the words form
+    the compatible one writes a third of the time."""
+    from opdcli.data import heldout_prompts, render
+    from opdcli.engines.hf_sampler import HFSampler, decode_responses
+    from opdcli.engines.types import SamplingParams
+    from opdcli.grading import grade
+    from opdcli.models import load_model, load_tokenizer
+    from opdcli.toy.forms import question_of
+
+    cfg, _ = C.load_config(C.TrainRunConfig, "configs/toy/forms/opd.yaml", [])
+    prompts = heldout_prompts(cfg.data, 32)
+    tok = load_tokenizer("toy:student-forms")
+    read = {}
+    for name in ("toy:teacher-forms", "toy:teacher-forms-symbolic", "toy:student-forms"):
+        model = load_model(name, torch.device("cpu"), torch.float32)
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=320, batch_size=32)
+        answers = decode_responses(tok, HFSampler(model, tok).sample([render(tok, p) for p in prompts], params))
+        late = [s for p, a in zip(prompts, answers, strict=True)
+                for s in read_steps(question_of(p.messages[-1]["content"]), a) if s.index >= cfg.data.toy.canonical_steps]
+        read[name] = (sum(grade(a, p.answer) for a, p in zip(answers, prompts, strict=True)) / len(prompts),
+                      sum(s.form == "words" for s in late) / max(1, len(late)))
+    student = read["toy:student-forms"][0]
+    assert read["toy:teacher-forms"][0] >= 0.15 + student and read["toy:teacher-forms-symbolic"][0] >= 0.15 + student
+    assert read["toy:teacher-forms-symbolic"][1] < 0.02 < 0.15 < read["toy:teacher-forms"][1]
