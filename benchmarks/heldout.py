@@ -30,8 +30,10 @@ from opdcli.models import (
 from opdcli.run.heldout import heldout_accuracy
 
 
-def evaluate(name: str, cfg: TrainRunConfig, samples: int, temperature: float, seed: int) -> dict[str, float | str]:
-    """Greedy (and, with samples > 0, sampled) held-out metrics of one model under `cfg`."""
+def evaluate(name: str, cfg: TrainRunConfig, samples: int, temperature: float, seed: int,
+             greedy: bool = True) -> dict[str, float | str]:
+    """Greedy (unless `greedy` is false) and, with samples > 0, sampled held-out metrics of one
+    model under `cfg`."""
     device = resolve_device(cfg.run.device)
     tok = load_tokenizer(name)
     model = load_model(name, device, resolve_dtype(cfg.run.dtype, device))
@@ -41,7 +43,8 @@ def evaluate(name: str, cfg: TrainRunConfig, samples: int, temperature: float, s
     tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     stops = tuple(cfg.rollout.stop_tokens)
     row: dict[str, float | str] = {"model": name, "problems": len(prompts)}
-    row |= heldout_accuracy(model, tok, prompts, tokens, cfg.eval.batch_size, prefix="greedy", stop_tokens=stops)
+    if greedy:
+        row |= heldout_accuracy(model, tok, prompts, tokens, cfg.eval.batch_size, prefix="greedy", stop_tokens=stops)
     if samples > 0:
         row |= heldout_accuracy(model, tok, prompts, tokens, cfg.eval.batch_size, prefix="sampled", stop_tokens=stops,
                                 samples=samples, temperature=temperature, seed=seed)
@@ -56,17 +59,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=0, help="sampled answers per problem (0: greedy only)")
     ap.add_argument("--temperature", type=float, default=1.0, help="temperature of the sampled answers")
     ap.add_argument("--seed", type=int, default=1234, help="noise seed (training's eval.seed default)")
+    ap.add_argument("--no-greedy", action="store_true",
+                    help="only the sampled evaluation (the runs' metrics already hold the greedy one)")
     ap.add_argument("--out", type=Path, default=Path("heldout"))
     args = ap.parse_args(argv)
     if args.samples < 0 or (args.samples and not args.temperature > 0):
         ap.error("--samples must be >= 0, and sampled answers need --temperature > 0")
+    if args.no_greedy and not args.samples:
+        ap.error("--no-greedy leaves nothing to evaluate; add --samples N")
     try:
         cfg, _ = load_config(TrainRunConfig, args.config, args.set)
         for name in args.models:
             resolve_model_path(name)  # a wrong path fails before any model loads
         rows = []
         for name in args.models:
-            rows.append(evaluate(name, cfg, args.samples, args.temperature, args.seed))
+            rows.append(evaluate(name, cfg, args.samples, args.temperature, args.seed, greedy=not args.no_greedy))
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
                   flush=True)
     except OpdError as exc:

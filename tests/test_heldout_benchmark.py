@@ -35,3 +35,12 @@ def test_heldout_benchmark_matches_the_training_evaluation(tmp_path, capsys):
 def test_heldout_benchmark_names_a_missing_model(tmp_path):
     with pytest.raises(SystemExit, match="error: model path '.*nowhere' does not exist"):
         main([str(tmp_path / "nowhere"), "--config", "configs/toy/opd.yaml", "--out", str(tmp_path / "b")])
+
+
+def test_heldout_benchmark_sampled_only(tmp_path):
+    main(["toy:student", "--config", "configs/toy/opd.yaml", "--samples", "2", "--no-greedy", "--set", "eval.size=4",
+          "--set", "rollout.max_new_tokens=16", "--out", str(tmp_path)])
+    row = next(csv.DictReader((tmp_path / "heldout.csv").open()))
+    assert "sampled/accuracy" in row and not any(k.startswith("greedy/") for k in row)
+    with pytest.raises(SystemExit):
+        main(["toy:student", "--config", "configs/toy/opd.yaml", "--no-greedy", "--out", str(tmp_path)])
