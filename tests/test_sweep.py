@@ -139,7 +139,7 @@ methods: [opd]
 
 def test_mean_curve_averages_the_steps_every_seed_evaluated():
     """Two seeds' curves: step 2 only in the first is left out; mean and sample std per step."""
-    from opdcli.loops.sweep_curves import mean_curve, run_curve
+    from opdcli.run.curves import mean_curve, run_curve
 
     rows = [{"progress/step": 0, "eval_before/heldout/accuracy": 0.1, "eval_before/heldout_sampled/accuracy": 0.05}]
     rows += [{"progress/step": s, "loss/total": 1.0, "time/sample": 2.0, "time/score": 1.0, "rollout/tokens": 10 * s}

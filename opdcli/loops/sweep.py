@@ -7,7 +7,7 @@ The sweep file names a base training config, shared overrides, the seeds and the
 `out_dir`; the comparison table (sweep.csv, sweep.md, sweep.png) reports held-out accuracy
 before and after, wall time, tokens generated, tokens scored by the teacher and tokens
 trained on, with the mean and spread over seeds; sweep_curves.csv / .png hold the learning
-curves (opdcli.loops.sweep_curves).
+curves (opdcli.run.curves).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import yaml
 
 from opdcli.config import TrainRunConfig, build_dataclass, load_config, read_yaml, to_dict
 from opdcli.errors import ConfigError
-from opdcli.loops.sweep_curves import TRAIN_TIME, run_curve, write_curves
+from opdcli.run.curves import TRAIN_TIME, run_curve, write_curves
 from opdcli.run.tracking import read_metrics
 
 
