@@ -91,8 +91,8 @@ def time_to_target(rows: list[dict[str, Any]], target: float) -> tuple[float, fl
     return (hit["train_s"], hit["step"]) if hit is not None else (math.nan, math.nan)
 
 
-def summarize_run(run_dir: Path, wall: float, target: float | None = None) -> dict[str, float]:
-    rows = read_metrics(run_dir / "metrics.jsonl")
+def summarize_run(rows: list[dict[str, Any]], wall: float, target: float | None = None) -> dict[str, float]:
+    """The sweep row of one run from its metrics rows (read once; the curves reuse them)."""
     steps = [r for r in rows if "loss/total" in r]
 
     def total(key: str) -> float:
@@ -166,7 +166,7 @@ def run_sweep(path: Path, argv: list[str], *, train: Callable[..., Any], skip_do
         for seed in sweep.seeds:
             cfg, explicit = load_config(TrainRunConfig, sweep.base, run_overrides(sweep, method, seed))
             plans.append((method, seed, cfg, explicit))
-    rows = []
+    rows, curves = [], []
     say = echo if echo is not None else (lambda text: None)
     for i, (method, seed, cfg, explicit) in enumerate(plans, 1):
         row = {"method": method.label or method.name, "seed": seed}
@@ -174,19 +174,24 @@ def run_sweep(path: Path, argv: list[str], *, train: Callable[..., Any], skip_do
         if done is not None:
             say(f"[{i}/{len(plans)}] {row['method']} seed {seed}: finished in {cfg.run.out_dir}, reused (--skip-done)")
             # from the run's metrics again: the sweep's target_accuracy may have changed since
-            rows.append(row | summarize_run(Path(cfg.run.out_dir), done["wall_s"], sweep.target_accuracy))
+            metrics = read_metrics(Path(cfg.run.out_dir) / "metrics.jsonl")
+            rows.append(row | summarize_run(metrics, done["wall_s"], sweep.target_accuracy))
+            curves.append((row["method"], seed, metrics))
             continue
         say(f"[{i}/{len(plans)}] {row['method']} seed {seed}: training -> {cfg.run.out_dir}")
         (Path(cfg.run.out_dir) / ROW_FILE).unlink(missing_ok=True)  # a rerun must not leave a stale row
         start = time.perf_counter()
         result = train(cfg, explicit, argv=argv)
-        summary = summarize_run(Path(result.run_dir), time.perf_counter() - start, sweep.target_accuracy)
+        wall = time.perf_counter() - start
+        metrics = read_metrics(Path(result.run_dir) / "metrics.jsonl")
+        summary = summarize_run(metrics, wall, sweep.target_accuracy)
+        curves.append((row["method"], seed, metrics))
         (Path(result.run_dir) / ROW_FILE).write_text(json.dumps(summary) + "\n", encoding="utf-8")
         rows.append(row | summary)
         say(f"[{i}/{len(plans)}] {row['method']} seed {seed}: held-out accuracy {100 * summary['acc_before']:.1f}% -> "
             f"{100 * summary['acc_after']:.1f}% in {summary['wall_s']:.0f} s")
     write_table(rows, Path(sweep.out_dir))
-    write_curves([(m.label or m.name, seed, Path(cfg.run.out_dir)) for m, seed, cfg, _ in plans], Path(sweep.out_dir))
+    write_curves(curves, Path(sweep.out_dir))
     return rows
 
 

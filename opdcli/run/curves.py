@@ -11,8 +11,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from opdcli.run.tracking import read_metrics
-
 TRAIN_TIME = ("time/sample", "time/score", "time/method", "time/train")
 """The training seconds of a step (sampling, scoring, the method's weights, the update); the
 evaluations, logging and checkpoints are left out."""
@@ -49,8 +47,8 @@ def mean_curve(curves: list[list[dict[str, float]]], key: str) -> list[tuple[flo
     return out
 
 
-def write_curves(runs: list[tuple[str, int, Path]], out_dir: Path) -> None:
-    """sweep_curves.csv and sweep_curves.png of the (label, seed, run_dir) runs."""
+def write_curves(runs: list[tuple[str, int, list[dict[str, Any]]]], out_dir: Path) -> None:
+    """sweep_curves.csv and sweep_curves.png of the (label, seed, metrics rows) runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,8 +56,8 @@ def write_curves(runs: list[tuple[str, int, Path]], out_dir: Path) -> None:
     import pandas as pd
 
     table, by_label = [], {}
-    for label, seed, run_dir in runs:
-        evals, steps = run_curve(read_metrics(run_dir / "metrics.jsonl"))
+    for label, seed, rows in runs:
+        evals, steps = run_curve(rows)
         table += [{"method": label, "seed": seed} | p for p in evals]
         by_label.setdefault(label, []).append((evals, steps))
     out_dir.mkdir(parents=True, exist_ok=True)
