@@ -276,22 +276,62 @@ def test_resume_with_another_config_is_refused_unless_allowed(tmp_path):
 # -- Ctrl-C -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum):
     run = tmp_path / "run"
     proc = subprocess.Popen(_cli("train", *_sets(run, "train.max_steps=500", "eval.enabled=false")),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for_steps(run, 3, proc)
-    proc.send_signal(signal.SIGINT)
+    logged = sum('"loss/total"' in line for line in (run / "metrics.jsonl").read_text().splitlines())
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-2000:]
     assert "Traceback" not in out
+    assert "stopping after this step" in out
     assert "interrupted at step" in out and f"run.resume={run}" in out
     latest = (run / "checkpoints" / "latest").read_text().strip()
     step = int(latest[5:])
-    assert step >= 3
+    assert 3 <= logged <= step <= logged + 2  # the step in flight finishes, then the run stops
     steps = [r["progress/step"] for r in read_metrics(run / "metrics.jsonl") if "loss/total" in r]
     assert steps[-1] == step
+    if signum == signal.SIGTERM:
+        return
     _train(run, f"run.resume={run}", f"train.max_steps={step + 1}", "eval.enabled=false")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_opd_distill_after_the_step_with_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = ["distill", "--config", str(ROOT / "configs/toy/distill.yaml")]
+    for s in (f"run.out_dir={run}", "train.max_steps=500", "eval.enabled=false", "rollout.prompts_per_step=4"):
+        args += ["--set", s]
+    proc = subprocess.Popen(_cli(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_steps(run, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert "Traceback" not in out and "interrupted at step" in out
+    step = int((run / "checkpoints" / "latest").read_text().strip()[5:])
+    steps = [r["progress/step"] for r in read_metrics(run / "metrics.jsonl") if "loss/total" in r]
+    assert 3 <= step < 500 and steps[-1] == step
+
+
+def test_the_first_stop_signal_waits_for_the_step_boundary_and_a_second_stops_at_once():
+    from opdcli.dist import Dist
+    from opdcli.run.interrupt import StopOnSignal
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopOnSignal(Dist()) as stop:
+        stop.check()  # no signal yet: nothing happens
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the handler, which only sets the flag
+        time.sleep(0.05)
+        assert stop.requested == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()
+        with pytest.raises(KeyboardInterrupt):  # a second signal raises where the code stands
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are given back
 
 
 # -- non-finite signals and updates -------------------------------------------------------------

@@ -40,6 +40,7 @@ from opdcli.models import (
 )
 from opdcli.objective import chunked_logit_loss
 from opdcli.run.context import RunResult, open_run, resume_point, setup_process
+from opdcli.run.interrupt import StopOnSignal
 from opdcli.run.progress import progress_bar
 from opdcli.run.tracking import timed
 from opdcli.validate import validate_common
@@ -165,32 +166,34 @@ def _run(cfg: DistillRunConfig, argv: list[str], d: Dist) -> RunResult:
     elif cfg.distill.traces == "teacher":
         sampler = HFSampler(pair.teacher, pair.tokenizer, generator=ctx.generator)
     try:
-        before = ctx.evaluate()
-        ctx.log_eval(ctx.state.step, before, "before")
-        with progress_bar(cfg.train.max_steps, ctx.state.step, "opd distill", show=d.is_main) as bar:
-            for step_idx in range(ctx.state.step, cfg.train.max_steps):
-                metrics: dict[str, float] = {}
-                prompts = source.next_batch(cfg.rollout.prompts_per_step)
-                with timed(metrics, "sample"):
-                    batch = traces(cfg, pair.tokenizer, sampler, prompts, pair.device, d)
-                with timed(metrics, "train"):
-                    def micro_loss(sl: slice, normalizer: float, batch: RolloutBatch = batch):
-                        return distill_loss(learner.module, scorer, batch.rows(sl), cfg.distill.mode, normalizer,
-                                            cfg.scoring.chunk_tokens)
+        with StopOnSignal(d) as stop:
+            before = ctx.evaluate()
+            ctx.log_eval(ctx.state.step, before, "before")
+            with progress_bar(cfg.train.max_steps, ctx.state.step, "opd distill", show=d.is_main) as bar:
+                for step_idx in range(ctx.state.step, cfg.train.max_steps):
+                    stop.check()
+                    metrics: dict[str, float] = {}
+                    prompts = source.next_batch(cfg.rollout.prompts_per_step)
+                    with timed(metrics, "sample"):
+                        batch = traces(cfg, pair.tokenizer, sampler, prompts, pair.device, d)
+                    with timed(metrics, "train"):
+                        def micro_loss(sl: slice, normalizer: float, batch: RolloutBatch = batch):
+                            return distill_loss(learner.module, scorer, batch.rows(sl), cfg.distill.mode, normalizer,
+                                                cfg.scoring.chunk_tokens)
 
-                    tokens = float(batch.response_mask_B_T.sum())
-                    total = stages.train_on(batch.batch_size, tokens, cfg.optim.grad_accum, micro_loss, d)["loss/total"]
-                    metrics[f"loss/{cfg.distill.mode}"] = metrics["loss/total"] = total
-                    metrics |= learner.step(cfg.optim, step_idx, cfg.train.max_steps)
-                    weights = learner.full_weights()
-                    if weights is not None:
-                        policy.load_state_dict(weights)
-                metrics["rollout/response_len"] = d.sum(tokens) / max(1, n_seq)
-                ctx.periodic(step_idx, metrics, learner, None)
-                bar.advance(metrics)
-        after = ctx.evaluate()
-        ctx.log_eval(ctx.state.step, after, "after")
-        ctx.save(learner, None, final=True)
+                        tokens = float(batch.response_mask_B_T.sum())
+                        total = stages.train_on(batch.batch_size, tokens, cfg.optim.grad_accum, micro_loss, d)["loss/total"]
+                        metrics[f"loss/{cfg.distill.mode}"] = metrics["loss/total"] = total
+                        metrics |= learner.step(cfg.optim, step_idx, cfg.train.max_steps)
+                        weights = learner.full_weights()
+                        if weights is not None:
+                            policy.load_state_dict(weights)
+                    metrics["rollout/response_len"] = d.sum(tokens) / max(1, n_seq)
+                    ctx.periodic(step_idx, metrics, learner, None)
+                    bar.advance(metrics)
+            after = ctx.evaluate()
+            ctx.log_eval(ctx.state.step, after, "after")
+            ctx.save(learner, None, final=True)
     except KeyboardInterrupt:
         ctx.interrupted(learner, None)
         raise

@@ -13,7 +13,6 @@ Method `fopd` turns lag and drift into freshness weights; any other method runs 
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from collections import deque
@@ -28,6 +27,7 @@ from opdcli.engines.ray_workers import RayWorkerPool
 from opdcli.errors import ConfigError, OpdError
 from opdcli.records.rows import write_rollout_records
 from opdcli.run.context import RunResult
+from opdcli.run.interrupt import StopOnSignal
 from opdcli.run.progress import console, progress_bar
 from opdcli.run.setup import prepare_training
 from opdcli.run.tracking import timed
@@ -68,26 +68,21 @@ def run_train_async(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | N
                          score_batch=cfg.scoring.batch_size, engine=cfg.rollout.engine, vllm=cfg.vllm,
                          max_model_len=engine_max_len(cfg), gpus=a.worker_gpus,
                          nccl=cfg.vllm.weight_sync == "nccl")
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops like Ctrl-C
     try:
-        before = ctx.evaluate()
-        ctx.log_eval(ctx.state.step, before, "before")
-        _loop(cfg, parts, method, feed, pool, ctx, pair.tokenizer, pair.device)
-        after = ctx.evaluate()
-        ctx.log_eval(ctx.state.step, after, "after")
-        ctx.save(parts.learner, method, final=True)
+        with StopOnSignal(ALONE) as stop:  # Ctrl-C or a scheduler's SIGTERM: stop after the step
+            before = ctx.evaluate()
+            ctx.log_eval(ctx.state.step, before, "before")
+            _loop(cfg, parts, method, feed, pool, ctx, pair.tokenizer, pair.device, stop)
+            after = ctx.evaluate()
+            ctx.log_eval(ctx.state.step, after, "after")
+            ctx.save(parts.learner, method, final=True)
     except KeyboardInterrupt:
         ctx.interrupted(parts.learner, method)  # a loadable checkpoint of the steps done
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
         pool.close()
         ctx.close()
     return RunResult(str(ctx.run_dir), before, after, ctx.state.step)
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _collect(pool: RayWorkerPool, inflight: deque, resubmit, max_restarts: int):
@@ -114,7 +109,7 @@ def _collect(pool: RayWorkerPool, inflight: deque, resubmit, max_restarts: int):
 
 
 def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorkerPool, ctx, tokenizer,
-          device) -> None:
+          device, stop: StopOnSignal) -> None:
     a, P = cfg.asynchronous, cfg.rollout.prompts_per_step
     params = stages.sampling_params(cfg.rollout)
     pool.publish(parts.learner.module.lm.state_dict(), ctx.state.step)
@@ -138,6 +133,7 @@ def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorke
     start, generated, busy = time.perf_counter(), 0.0, 0.0
     with progress_bar(cfg.train.max_steps, ctx.state.step, "opd train (async)") as bar:
         while ctx.state.step < cfg.train.max_steps:
+            stop.check()
             step_idx, metrics, t0 = ctx.state.step, {}, time.perf_counter()
             with timed(metrics, "wait"):  # the learner's idle time
                 rollout, seconds, worker, prompts = _collect(pool, inflight, send, a.max_restarts)
