@@ -9,7 +9,6 @@ student on that replica, the teacher and reference replicated or sharded (`dist.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ from opdcli.learner import Learner, shard
 from opdcli.lm import ResponseLM, vocab_size
 from opdcli.methods import method_class
 from opdcli.models import LoadedPair
+from opdcli.precision import sampling_replica
 
 
 @dataclass
@@ -59,7 +59,7 @@ def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *,
     rollout.engine (hf for a process that only holds the policy)."""
     policy = pair.student
     if train and d.active:  # the sampler's full replica, taken before the learner shards the student
-        policy = copy.deepcopy(pair.student).requires_grad_(False).eval()
+        policy = sampling_replica(pair.student)
     learner = Learner(pair.student, cfg.optim, d) if train else None
     teacher, ref = pair.teacher, reference
     if d.active and cfg.dist.frozen_models == "shard":

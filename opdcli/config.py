@@ -34,7 +34,13 @@ class RunConfig:
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Model dtype. auto: bfloat16 on CUDA, float32 elsewhere."""
+    """Compute dtype of the models. auto: bfloat16 on CUDA, float32 elsewhere."""
+    master_weights: bool = True
+    """With a bfloat16 / float16 run.dtype, keep the trained student's weights, gradients,
+    optimizer state and checkpoints in float32 and run its forwards under torch.autocast (mixed
+    precision, as HF Trainer / TRL with bf16=True). false trains the run.dtype weights themselves:
+    half the weight memory, but AdamW loses every update below half a unit in the last place (at
+    lr 1e-6 most bfloat16 weights never change). No effect when run.dtype is float32."""
     threads: int = 0
     """torch CPU threads; 0 keeps torch's default."""
     resume: str | None = None

@@ -16,6 +16,7 @@ use of its embeddings, final norm and (tied or untied) head.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,10 @@ def vocab_size(model: torch.nn.Module) -> int:
     return int(n) if n is not None else int(lm.get_output_embeddings().weight.shape[0])
 
 
+AUTOCAST_ATTR = "opd_compute_dtype"
+"""Set on a mixed-precision student and its head (opdcli.precision): the autocast dtype."""
+
+
 class _SlicedHead:
     """An output head cut to its first `n` rows (the padded rows never reach a softmax)."""
 
@@ -128,7 +133,9 @@ class _SlicedHead:
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         if type(self.head) is torch.nn.Linear:  # only the kept rows are multiplied
             bias = None if self.head.bias is None else self.head.bias[: self.n]
-            return torch.nn.functional.linear(h, self.head.weight[: self.n], bias)
+            dtype = getattr(self.head, AUTOCAST_ATTR, None)  # bypasses the head's own autocast hooks
+            with torch.autocast(h.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+                return torch.nn.functional.linear(h, self.head.weight[: self.n], bias)
         return self.head(h)[..., : self.n]
 
 

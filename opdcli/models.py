@@ -19,6 +19,7 @@ from opdcli.config import ModelConfig
 from opdcli.errors import ConfigError, ModelError
 from opdcli.lm import set_vocab
 from opdcli.lora import adapter_base, apply_lora, load_adapter, lora_config, merge_adapter
+from opdcli.precision import mixed_precision, trains_mixed
 
 TOY_WEIGHTS = Path(__file__).parent / "toy" / "weights"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -170,20 +171,22 @@ def fit_vocab(model: Any, tokens: int, name: str) -> Any:
 
 def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
               trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-              load_teacher: bool = True, teacher_files: bool = True) -> LoadedPair:
+              load_teacher: bool = True, teacher_files: bool = True,
+              student_dtype: torch.dtype | None = None) -> LoadedPair:
     """Load and cross-check the student and teacher (tokenizers first, which is cheap).
 
     `load_teacher` false: the teacher runs in another engine (vLLM); its tokenizer and its
     config's vocabulary size are still checked against the student, its weights not loaded.
     `teacher_files` false too: the teacher is served elsewhere (an endpoint, which checks its own
-    tokenizer against the student's); nothing of it is read here."""
+    tokenizer against the student's); nothing of it is read here. `student_dtype`: the
+    student's weights in another dtype than run_dtype's (float32 master weights)."""
     device = resolve_device(run_device)
     dtype = resolve_dtype(run_dtype, device)
     tok_s = load_tokenizer(student, trust_remote_code)
     if teacher_files:
         check_same_vocabulary(tok_s, load_tokenizer(teacher, trust_remote_code), student, teacher)
     kw = {"trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
-    s = fit_vocab(load_model(student, device, dtype, trainable=True, **kw), len(tok_s), student)
+    s = fit_vocab(load_model(student, device, student_dtype or dtype, trainable=True, **kw), len(tok_s), student)
     if not teacher_files:
         return LoadedPair(student=s, teacher=None, tokenizer=tok_s, device=device, dtype=dtype)
     if not load_teacher:
@@ -197,12 +200,18 @@ def load_pair(student: str, teacher: str, run_device: str, run_dtype: str, *,
 
 
 def load_configured_pair(m: ModelConfig, run_device: str, run_dtype: str, load_teacher: bool = True,
-                         teacher_files: bool = True) -> LoadedPair:
-    """load_pair with the model config's student, teacher and loading options."""
+                         teacher_files: bool = True, master_weights: bool = False) -> LoadedPair:
+    """load_pair with the model config's student, teacher and loading options. `master_weights`
+    (a student that trains, run.master_weights): with a half-precision run_dtype the student
+    trains in mixed precision (opdcli.precision), its full weights loaded in float32 (a LoRA
+    student: its base stays in run_dtype, its adapters are float32)."""
+    mixed = trains_mixed(resolve_dtype(run_dtype, resolve_device(run_device)), master_weights)
     pair = load_pair(m.student, m.teacher, run_device, run_dtype, trust_remote_code=m.trust_remote_code,
                      attn_implementation=m.attn_implementation, load_teacher=load_teacher,
-                     teacher_files=teacher_files)
+                     teacher_files=teacher_files, student_dtype=torch.float32 if mixed and m.lora.r == 0 else None)
     prepare_student(pair.student, m)
+    if mixed:
+        mixed_precision(pair.student, pair.dtype)
     return pair
 
 

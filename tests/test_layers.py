@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "opdcli"
 # lower number = lower layer; a module may import only its own layer or below
 LAYERS = {
     "errors": 0, "config": 1, "config_io": 1, "signals": 1, "losses": 1, "changepoint": 1, "segments": 1, "grading": 1,
-    "toy": 1, "freshness": 1, "dist": 2, "data": 2, "models": 2, "lm": 2, "lora": 2, "optim": 2, "records": 3, "engines": 3,
+    "toy": 1, "freshness": 1, "dist": 2, "data": 2, "models": 2, "lm": 2, "lora": 2, "optim": 2, "precision": 2, "records": 3, "engines": 3,
     "methods": 4, "objective": 5, "learner": 5, "validate": 5, "doctor": 5, "stages": 6, "assembly": 6, "run": 7,
     "loops": 8, "cli": 9, "__init__": 0,
 }

@@ -28,6 +28,7 @@ import torch
 from opdcli.engines.types import GenerationControl, RolloutBatch, RowShard, SamplingParams, StopRule
 from opdcli.errors import ConfigError, DataError
 from opdcli.lm import output_head, unwrap, vocab_size
+from opdcli.precision import autocast_region
 
 
 class StopFn(Protocol):
@@ -226,22 +227,23 @@ def sample(model, tokenizer, prompt_texts: list[str], params: SamplingParams, *,
     was_training = model.training
     model.eval()
     blocks, widths = [], []
-    for a in range(0, shard.total, params.batch_size):
-        b_end = min(a + params.batch_size, shard.total)
-        lo, hi = max(a, shard.start), min(b_end, shard.stop)
-        noise = BlockNoise(generator, b_end - a, lo - a, vocab, device)
-        steps = 0
-        if lo < hi:
-            rows = slice(lo - shard.start, hi - shard.start)
-            blk = _sample_block(model, ids_B_P[rows], am_B_P[rows], params, eos, pad_id, noise, stop)
-            blocks.append(blk)
-            steps = blk[0].shape[1]
-            if on_block is not None:
-                on_block(hi - lo, int(blk[2].sum()))
-        width = reduce_max(steps)  # the longest row of this block on any process
-        if params.temperature != 0:
-            noise.advance_to(width)
-        widths.append(width)
+    with autocast_region(model):  # a mixed-precision student: weights cast once per call, not per token
+        for a in range(0, shard.total, params.batch_size):
+            b_end = min(a + params.batch_size, shard.total)
+            lo, hi = max(a, shard.start), min(b_end, shard.stop)
+            noise = BlockNoise(generator, b_end - a, lo - a, vocab, device)
+            steps = 0
+            if lo < hi:
+                rows = slice(lo - shard.start, hi - shard.start)
+                blk = _sample_block(model, ids_B_P[rows], am_B_P[rows], params, eos, pad_id, noise, stop)
+                blocks.append(blk)
+                steps = blk[0].shape[1]
+                if on_block is not None:
+                    on_block(hi - lo, int(blk[2].sum()))
+            width = reduce_max(steps)  # the longest row of this block on any process
+            if params.temperature != 0:
+                noise.advance_to(width)
+            widths.append(width)
     model.train(was_training)
     T = max(widths, default=0)
 

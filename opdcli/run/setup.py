@@ -53,7 +53,7 @@ def prepare_training(cfg: Any, argv: list[str], d: dist.Dist, sampler: Any,
     ckpt = resume_point(cfg)
     m = cfg.model
     pair = load_configured_pair(m, dist.device_for(cfg.run.device, d), cfg.run.dtype,
-                                **teacher_loading(cfg))
+                                master_weights=cfg.run.master_weights, **teacher_loading(cfg))
     if ckpt is not None:
         load_weights(pair.student, ckpt)
     method.attach(pair.tokenizer)
