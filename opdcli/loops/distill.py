@@ -10,7 +10,6 @@ distribution on the trace (fkl).
 
 from __future__ import annotations
 
-import copy
 import sys
 import warnings
 
@@ -29,16 +28,11 @@ from opdcli.learner import Learner
 from opdcli.lm import as_response_lm, token_stats
 from opdcli.models import (
     LoadedPair,
-    fit_vocab,
     load_configured_pair,
-    load_model,
-    load_tokenizer,
     load_weights,
-    prepare_student,
-    resolve_device,
-    resolve_dtype,
 )
 from opdcli.objective import chunked_logit_loss
+from opdcli.precision import sampling_replica
 from opdcli.run.context import RunResult, open_run, resume_point, setup_process
 from opdcli.run.interrupt import StopOnSignal
 from opdcli.run.progress import progress_bar
@@ -104,14 +98,9 @@ def traces(cfg: DistillRunConfig, tokenizer, sampler: HFSampler | None, prompts:
 
 def _load(cfg: DistillRunConfig, device: str) -> LoadedPair:
     m = cfg.model
-    if cfg.distill.traces == "teacher" or cfg.distill.mode == "fkl":
-        return load_configured_pair(m, device, cfg.run.dtype)
-    dev = resolve_device(device)
-    dtype = resolve_dtype(cfg.run.dtype, dev)
-    student = load_model(m.student, dev, dtype, trainable=True, trust_remote_code=m.trust_remote_code,
-                         attn_implementation=m.attn_implementation)
-    tokenizer = load_tokenizer(m.student, m.trust_remote_code)
-    return LoadedPair(prepare_student(fit_vocab(student, len(tokenizer), m.student), m), None, tokenizer, dev, dtype)
+    needs_teacher = cfg.distill.traces == "teacher" or cfg.distill.mode == "fkl"
+    return load_configured_pair(m, device, cfg.run.dtype, teacher_files=needs_teacher,
+                                master_weights=cfg.run.master_weights)
 
 
 def run_distill(cfg: DistillRunConfig, explicit: set[str], argv: list[str] | None = None) -> RunResult:
@@ -152,7 +141,7 @@ def _run(cfg: DistillRunConfig, argv: list[str], d: Dist) -> RunResult:
     pair = _load(cfg, dist.device_for(cfg.run.device, d))
     if ckpt is not None:
         load_weights(pair.student, ckpt)
-    policy = pair.student if not d.active else copy.deepcopy(pair.student).requires_grad_(False).eval()
+    policy = pair.student if not d.active else sampling_replica(pair.student)
     learner = Learner(pair.student, cfg.optim, d)
     scorer = None if pair.teacher is None else HFScorer(None, pair.teacher, k=1, chunk_tokens=cfg.scoring.chunk_tokens,
                                                          batch_size=cfg.scoring.batch_size)
@@ -165,38 +154,29 @@ def _run(cfg: DistillRunConfig, argv: list[str], d: Dist) -> RunResult:
                                dtype=pair.dtype)
     elif cfg.distill.traces == "teacher":
         sampler = HFSampler(pair.teacher, pair.tokenizer, generator=ctx.generator)
-    try:
-        with StopOnSignal(d) as stop:
-            before = ctx.evaluate()
-            ctx.log_eval(ctx.state.step, before, "before")
-            with progress_bar(cfg.train.max_steps, ctx.state.step, "opd distill", show=d.is_main) as bar:
-                for step_idx in range(ctx.state.step, cfg.train.max_steps):
-                    stop.check()
-                    metrics: dict[str, float] = {}
-                    prompts = source.next_batch(cfg.rollout.prompts_per_step)
-                    with timed(metrics, "sample"):
-                        batch = traces(cfg, pair.tokenizer, sampler, prompts, pair.device, d)
-                    with timed(metrics, "train"):
-                        def micro_loss(sl: slice, normalizer: float, batch: RolloutBatch = batch):
-                            return distill_loss(learner.module, scorer, batch.rows(sl), cfg.distill.mode, normalizer,
-                                                cfg.scoring.chunk_tokens)
 
-                        tokens = float(batch.response_mask_B_T.sum())
-                        total = stages.train_on(batch.batch_size, tokens, cfg.optim.grad_accum, micro_loss, d)["loss/total"]
-                        metrics[f"loss/{cfg.distill.mode}"] = metrics["loss/total"] = total
-                        metrics |= learner.step(cfg.optim, step_idx, cfg.train.max_steps)
-                        weights = learner.full_weights()
-                        if weights is not None:
-                            policy.load_state_dict(weights)
-                    metrics["rollout/response_len"] = d.sum(tokens) / max(1, n_seq)
-                    ctx.periodic(step_idx, metrics, learner, None)
-                    bar.advance(metrics)
-            after = ctx.evaluate()
-            ctx.log_eval(ctx.state.step, after, "after")
-            ctx.save(learner, None, final=True)
-    except KeyboardInterrupt:
-        ctx.interrupted(learner, None)
-        raise
-    finally:
-        ctx.close()
-    return RunResult(str(ctx.run_dir), before, after, ctx.state.step)
+    def loop(stop: StopOnSignal) -> None:
+        with progress_bar(cfg.train.max_steps, ctx.state.step, "opd distill", show=d.is_main) as bar:
+            for step_idx in range(ctx.state.step, cfg.train.max_steps):
+                stop.check()
+                metrics: dict[str, float] = {}
+                prompts = source.next_batch(cfg.rollout.prompts_per_step)
+                with timed(metrics, "sample"):
+                    batch = traces(cfg, pair.tokenizer, sampler, prompts, pair.device, d)
+                with timed(metrics, "train"):
+                    def micro_loss(sl: slice, normalizer: float, batch: RolloutBatch = batch):
+                        return distill_loss(learner.module, scorer, batch.rows(sl), cfg.distill.mode, normalizer,
+                                            cfg.scoring.chunk_tokens)
+
+                    tokens = float(batch.response_mask_B_T.sum())
+                    total = stages.train_on(batch.batch_size, tokens, cfg.optim.grad_accum, micro_loss, d)["loss/total"]
+                    metrics[f"loss/{cfg.distill.mode}"] = metrics["loss/total"] = total
+                    metrics |= learner.step(cfg.optim, step_idx, cfg.train.max_steps)
+                    weights = learner.full_weights()
+                    if weights is not None:
+                        policy.load_state_dict(weights)
+                metrics["rollout/response_len"] = d.sum(tokens) / max(1, n_seq)
+                ctx.periodic(step_idx, metrics, learner, None)
+                bar.advance(metrics)
+
+    return ctx.drive(learner, None, loop)

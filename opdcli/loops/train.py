@@ -84,32 +84,23 @@ def _run(cfg: TrainRunConfig, argv: list[str], d: dist.Dist) -> RunResult:
                           "use opd train, or train.mode=sync")
     run = prepare_training(cfg, argv, d, sampler_class(cfg))
     method, source, pair, parts, ctx = run.method, run.source, run.pair, run.parts, run.ctx
-    try:
-        with StopOnSignal(d) as stop:
-            before = ctx.evaluate()
-            ctx.log_eval(ctx.state.step, before, "before")
-            with progress_bar(cfg.train.max_steps, ctx.state.step, "opd train", show=d.is_main) as bar:
-                for step_idx in range(ctx.state.step, cfg.train.max_steps):
-                    stop.check()
-                    t0 = time.perf_counter()
-                    metrics, logged = step(cfg=cfg, parts=parts, method=method, source=source, tokenizer=pair.tokenizer,
-                                           step_idx=step_idx, d=d)
-                    if logged is not None and cfg.train.rollouts_every and step_idx % cfg.train.rollouts_every == 0 \
-                            and d.is_main:
-                        with timed(metrics, "log_rollouts"):
-                            prompts, rows, whole, out = logged
-                            write_rollout_records(ctx.rollouts, ctx.run_id, step_idx, prompts, rows, whole, out,
-                                                  decode_responses(pair.tokenizer, rows), method.name,
-                                                  cfg.train.rollouts_topk)
-                    metrics["time/step_total"] = time.perf_counter() - t0  # the step's wall time, before eval
-                    ctx.periodic(step_idx, metrics, parts.learner, method)
-                    bar.advance(metrics)
-            after = ctx.evaluate()
-            ctx.log_eval(ctx.state.step, after, "after")
-            ctx.save(parts.learner, method, final=True)
-    except KeyboardInterrupt:
-        ctx.interrupted(parts.learner, method)
-        raise
-    finally:
-        ctx.close()
-    return RunResult(str(ctx.run_dir), before, after, ctx.state.step)
+
+    def loop(stop: StopOnSignal) -> None:
+        with progress_bar(cfg.train.max_steps, ctx.state.step, "opd train", show=d.is_main) as bar:
+            for step_idx in range(ctx.state.step, cfg.train.max_steps):
+                stop.check()
+                t0 = time.perf_counter()
+                metrics, logged = step(cfg=cfg, parts=parts, method=method, source=source, tokenizer=pair.tokenizer,
+                                       step_idx=step_idx, d=d)
+                if logged is not None and cfg.train.rollouts_every and step_idx % cfg.train.rollouts_every == 0 \
+                        and d.is_main:
+                    with timed(metrics, "log_rollouts"):
+                        prompts, rows, whole, out = logged
+                        write_rollout_records(ctx.rollouts, ctx.run_id, step_idx, prompts, rows, whole, out,
+                                              decode_responses(pair.tokenizer, rows), method.name,
+                                              cfg.train.rollouts_topk)
+                metrics["time/step_total"] = time.perf_counter() - t0  # the step's wall time, before eval
+                ctx.periodic(step_idx, metrics, parts.learner, method)
+                bar.advance(metrics)
+
+    return ctx.drive(parts.learner, method, loop)

@@ -68,21 +68,11 @@ def run_train_async(cfg: TrainRunConfig, explicit: set[str], argv: list[str] | N
                          score_batch=cfg.scoring.batch_size, engine=cfg.rollout.engine, vllm=cfg.vllm,
                          max_model_len=engine_max_len(cfg), gpus=a.worker_gpus,
                          nccl=cfg.vllm.weight_sync == "nccl")
-    try:
-        with StopOnSignal(ALONE) as stop:  # Ctrl-C or a scheduler's SIGTERM: stop after the step
-            before = ctx.evaluate()
-            ctx.log_eval(ctx.state.step, before, "before")
-            _loop(cfg, parts, method, feed, pool, ctx, pair.tokenizer, pair.device, stop)
-            after = ctx.evaluate()
-            ctx.log_eval(ctx.state.step, after, "after")
-            ctx.save(parts.learner, method, final=True)
-    except KeyboardInterrupt:
-        ctx.interrupted(parts.learner, method)  # a loadable checkpoint of the steps done
-        raise
+    try:  # Ctrl-C or a scheduler's SIGTERM: stop after the step, with a checkpoint
+        return ctx.drive(parts.learner, method,
+                         lambda stop: _loop(cfg, parts, method, feed, pool, ctx, pair.tokenizer, pair.device, stop))
     finally:
         pool.close()
-        ctx.close()
-    return RunResult(str(ctx.run_dir), before, after, ctx.state.step)
 
 
 def _collect(pool: RayWorkerPool, inflight: deque, resubmit, max_restarts: int):

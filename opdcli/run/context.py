@@ -14,6 +14,7 @@ import platform
 import shlex
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from opdcli.dist import Dist
 from opdcli.errors import ConfigError
 from opdcli.records import RolloutWriter
 from opdcli.run.checkpoint import TrainState, load_trainer_state, resolve_resume, save_checkpoint
+from opdcli.run.interrupt import StopOnSignal
 from opdcli.run.progress import console
 from opdcli.run.rundir import check_resume_config, cut_to_step, lock_run_dir
 from opdcli.run.trackers import open_trackers
@@ -153,6 +155,26 @@ class RunContext:
         return save_checkpoint(self.run_dir, self.eval_model, self.tokenizer, optimizer_state, self.state,
                                keep=self.cfg.train.keep_checkpoints, final=final, weights=weights,
                                merge=self.cfg.model.lora.merge)
+
+    def drive(self, learner: Any, method: Any, loop: Callable[[StopOnSignal], None]) -> RunResult:
+        """A training command's life: held-out evaluation before, `loop(stop)` (which calls
+        `stop.check()` before each step), evaluation after, the final checkpoint. Ctrl-C or
+        SIGTERM stops at a step boundary with a checkpoint (KeyboardInterrupt goes on to the
+        CLI, exit 130); the run files are always closed."""
+        try:
+            with StopOnSignal(self.d) as stop:
+                before = self.evaluate()
+                self.log_eval(self.state.step, before, "before")
+                loop(stop)
+                after = self.evaluate()
+                self.log_eval(self.state.step, after, "after")
+                self.save(learner, method, final=True)
+        except KeyboardInterrupt:
+            self.interrupted(learner, method)
+            raise
+        finally:
+            self.close()
+        return RunResult(str(self.run_dir), before, after, self.state.step)
 
     def interrupted(self, learner: Any, method: Any) -> None:
         """Ctrl-C / SIGTERM: checkpoint the steps done since the last save and say how to resume."""
