@@ -118,3 +118,21 @@ def test_opd_train_in_bf16_moves_every_weight_at_a_small_lr_and_checkpoints_floa
     assert {v.dtype for v in end.values()} == {torch.float32}
     moved = sum(int((start[k] != end[k]).sum()) for k in start) / sum(v.numel() for v in start.values())
     assert moved > 0.99
+
+
+def test_a_padded_head_cut_to_the_tokenizer_also_runs_in_the_compute_dtype(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from opdcli.models import load_tokenizer
+
+    src = resolve_model_path("toy:student")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.resize_token_embeddings(112, mean_resizing=False)  # a head wider than the tokenizer
+    model.save_pretrained(tmp_path / "padded")
+    load_tokenizer(src).save_pretrained(tmp_path / "padded")
+    m = ModelConfig(student=str(tmp_path / "padded"), teacher="toy:teacher")
+    student = load_configured_pair(m, "cpu", "bfloat16", master_weights=True).student
+    head = output_head(student)
+    assert type(head).__name__ == "_SlicedHead"  # the rows past the tokenizer are cut off
+    logits = head(torch.randn(2, 3, student.config.hidden_size))
+    assert logits.dtype == torch.bfloat16 and logits.shape[-1] == 100

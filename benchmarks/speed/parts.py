@@ -113,14 +113,14 @@ def run(setup: Setup, out_dir: Path, reps: int, warmup: int, extra: list[str], v
     """Time the step and each part `reps` times (alternating) after `warmup` rounds; with
     `vs_trl`, one TRL DistillationTrainer step on the same work after each of ours."""
     from opdcli import stages
+    from opdcli.assembly import sampler_class
     from opdcli.data import render
     from opdcli.dist import ALONE
-    from opdcli.engines.hf_sampler import HFSampler
     from opdcli.loops.train import step
     from opdcli.run.setup import prepare_training
 
     cfg = config(setup, out_dir, extra)
-    run_ = prepare_training(cfg, ["benchmarks.speed"], ALONE, HFSampler,
+    run_ = prepare_training(cfg, ["benchmarks.speed"], ALONE, sampler_class(cfg),  # rollout.engine
                             wrap_source=lambda s: FixedPrompts(s.next_batch(setup.prompts)))
     method, source, parts, tok = run_.method, run_.source, run_.parts, run_.pair.tokenizer
     device = run_.pair.device

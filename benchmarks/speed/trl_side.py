@@ -1,7 +1,9 @@
 """TRL's DistillationTrainer on the same work as `opd train` (`--vs-trl`; `pip install trl`).
 
 Settings that make the comparison fair (TRL 1.16's defaults differ): the same student and
-teacher objects' folders loaded in fp32 (`bf16=False`, TRL defaults to bf16), no gradient
+teacher objects' folders loaded in fp32, with `bf16` on exactly when the run's dtype is
+bfloat16 (TRL defaults to it; TRL's bf16 is autocast over fp32 weights, as opd's mixed precision
+is for the student, while opd's teacher holds bf16 weights), no gradient
 checkpointing (TRL defaults to it), the run's learning rate and gradient clip (TRL defaults to
 lr 1e-6; no warm-up, as each block of steps is a fresh trainer on the same models), `beta=1.0` (TRL's generalised JSD at beta 1 is the full-vocabulary reverse
 KL(student || teacher), our loss.objective=rkl), temperature 1, top-k 0, top-p 1, the same
@@ -29,7 +31,7 @@ class TRLSide:
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from opdcli.models import resolve_model_path
+        from opdcli.models import resolve_dtype, resolve_model_path
 
         self.tok = AutoTokenizer.from_pretrained(resolve_model_path(student))
         self.tok.padding_side = "left"
@@ -37,6 +39,7 @@ class TRLSide:
         self.teacher = AutoModelForCausalLM.from_pretrained(resolve_model_path(teacher), dtype=torch.float32)
         self.data = Dataset.from_dict({"prompt": list(texts)})
         self.cfg, self.batch = cfg, len(texts)
+        self.bf16 = resolve_dtype(cfg.run.dtype, self.student.device) == torch.bfloat16
         self.times: list[float] = []
         self.out = tempfile.mkdtemp(prefix="opd-trl-")
 
@@ -62,7 +65,7 @@ class TRLSide:
             output_dir=self.out, max_steps=steps, per_device_train_batch_size=self.batch,
             gradient_accumulation_steps=1, learning_rate=o.lr, lr_scheduler_type="constant", max_grad_norm=o.grad_clip, weight_decay=o.weight_decay,
             beta=1.0, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_completion_length=r.max_new_tokens,
-            bf16=False, fp16=False, use_cpu=not _cuda(), gradient_checkpointing=False, use_vllm=False,
+            bf16=self.bf16, fp16=False, use_cpu=not _cuda(), gradient_checkpointing=False, use_vllm=False,
             logging_steps=10**6, report_to="none", save_strategy="no", dataloader_num_workers=0,
             dataloader_pin_memory=False, disable_dropout=True, seed=self.cfg.run.seed, disable_tqdm=True)
         trainer = DistillationTrainer(model=self.student, teacher_model=self.teacher, args=args,
