@@ -104,6 +104,9 @@ def _check_lora(cfg: Any, explicit: set[str]) -> None:
 
 def validate_common(cfg: Any, explicit: set[str]) -> None:
     _check_lora(cfg, explicit)
+    if "run.master_weights" in explicit and cfg.run.dtype == "float32":
+        raise ConfigError("run.master_weights cannot take effect: with run.dtype=float32 the student's weights are "
+                          "float32 already; remove it, or set run.dtype=bfloat16 for mixed precision")
     r = cfg.rollout
     for key, value in (("rollout.prompts_per_step", r.prompts_per_step), ("rollout.samples_per_prompt",
                        r.samples_per_prompt), ("rollout.max_new_tokens", r.max_new_tokens),

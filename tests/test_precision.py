@@ -136,3 +136,17 @@ def test_a_padded_head_cut_to_the_tokenizer_also_runs_in_the_compute_dtype(tmp_p
     assert type(head).__name__ == "_SlicedHead"  # the rows past the tokenizer are cut off
     logits = head(torch.randn(2, 3, student.config.hidden_size))
     assert logits.dtype == torch.bfloat16 and logits.shape[-1] == 100
+
+
+def test_master_weights_with_a_float32_run_is_refused():
+    from opdcli.config import TrainRunConfig, load_config
+    from opdcli.errors import ConfigError
+    from opdcli.validate import validate_common
+
+    cfg, explicit = load_config(TrainRunConfig, str(ROOT / "configs/toy/opd.yaml"),
+                                ["run.dtype=float32", "run.master_weights=false"])
+    with pytest.raises(ConfigError, match="run.master_weights cannot take effect.*run.dtype=bfloat16"):
+        validate_common(cfg, explicit)
+    cfg, explicit = load_config(TrainRunConfig, str(ROOT / "configs/toy/opd.yaml"),
+                                ["run.dtype=bfloat16", "run.master_weights=false"])
+    validate_common(cfg, explicit)  # pure bf16 training is a choice, not an error
