@@ -201,7 +201,12 @@ def check_dtype(run: Any) -> list[Finding]:
     if device.type == "cpu" and dtype == torch.float16:
         return [Finding("warning", "dtype", "float16 on CPU is slow and loses precision",
                         "--set run.dtype=bfloat16 or float32")]
-    return [Finding("ok", "dtype", f"{name} on {device}")]
+    if dtype != torch.float32 and not run.master_weights:
+        return [Finding("warning", "dtype", f"the student trains its {name} weights themselves: AdamW updates below "
+                        f"{name}'s spacing are lost (at lr 1e-6 most weights never move)",
+                        "--set run.master_weights=true (float32 weights, mixed precision)")]
+    mixed = ", the student in mixed precision (float32 weights)" if dtype != torch.float32 else ""
+    return [Finding("ok", "dtype", f"{name} on {device}{mixed}")]
 
 
 def check_positions(models: list[_Model], tok: Any, texts: list[tuple[str, str]], budget: int,

@@ -142,6 +142,11 @@ def test_context_dtype_and_widths():
     assert all("context of 1024 positions" in f.detail and "rollout.max_new_tokens" in f.fix for f in ctx)
     half = diagnose(_cfg("toy:student", "toy:teacher", "run.device=cpu", "run.dtype=float16"))
     assert _levels(half, "dtype") == ["warning"]
+    bf16 = [f for f in diagnose(_cfg("toy:student", "toy:teacher", "run.dtype=bfloat16")) if f.check == "dtype"]
+    assert [f.level for f in bf16] == ["ok"] and "mixed precision" in bf16[0].detail
+    pure = [f for f in diagnose(_cfg("toy:student", "toy:teacher", "run.dtype=bfloat16", "run.master_weights=false"))
+            if f.check == "dtype"]
+    assert [f.level for f in pure] == ["warning"] and "run.master_weights=true" in pure[0].fix
 
 
 def test_a_padded_teacher_is_fine_and_said_so(tmp_path):
