@@ -166,9 +166,12 @@ def learn(learner, scorer: Scorer, rollout: RolloutBatch, scored: ScoredBatch, m
                               cfg.loss, normalizer, cfg.scoring.chunk_tokens, scorer.teacher_logits,
                               drift_penalty=mine.drift_penalty, collect=collect)
 
-    trained = float(((mine.weights_B_T > 0) & (scored.mask_B_T > 0)).sum())
+    trained = d.sum(float(((mine.weights_B_T > 0) & (scored.mask_B_T > 0)).sum()))
     metrics = train_on(rollout.batch_size, float(scored.mask_B_T.sum()), cfg.optim.grad_accum, micro_loss, d)
-    metrics["train/tokens_trained"] = d.sum(trained)
+    metrics["train/tokens_trained"] = trained
+    if trained == 0:  # every token weighed 0 (f-OPD dropped them all): AdamW would still move the
+        learner.optimizer.zero_grad(set_to_none=True)  # weights along its momentum; no update instead
+        return metrics | {"optim/grad_norm": 0.0, "optim/empty_step": 1.0}
     return metrics | learner.step(cfg.optim, step, cfg.train.max_steps)
 
 

@@ -212,3 +212,48 @@ def test_fopd_refusals():
     cfg, explicit = load_config(TrainRunConfig, None, ["train.mode=async", "asynchronous.max_restarts=-1"])
     with pytest.raises(ConfigError, match="max_restarts"):
         validate_train_config(cfg, explicit)
+
+
+def test_the_drift_penalty_reads_the_whole_batch_so_dropping_every_sample_raises_beta():
+    """The drop removes the most drifted samples; the controller must not read the kept ones'
+    (smaller) drift, and with nothing kept it must not read 0 and relax the penalty."""
+    s = _scored(stored=False)
+    fresh = sampled_advantage(s.teacher_lp_B_T, s.student_lp_B_T, s.mask_B_T, 1.0, 0.0)
+    method = build_method("fopd", {"tau_r": 1e-6, "f_min": 0.5, "drift_target": 1e-4, "beta_init": 0.5},
+                          LossConfig(objective="rkl"))
+    out = method.apply(s, fresh, 0)
+    assert out.metrics["method/fopd/dropped_frac"] == 1.0  # freshness ~0 for every sample
+    assert out.metrics["method/fopd/d_roll_mean"] > 1e-4
+    assert out.metrics["method/fopd/drift_beta_next"] == 1.0  # doubled (to its ceiling), not halved
+
+
+def test_a_step_that_keeps_no_token_applies_no_update(tiny_dirs, toy_tokenizer):
+    """AdamW with a zero gradient still moves the weights along its momentum and weight decay;
+    stages.learn takes no optimizer step when every weight is 0 (all samples dropped)."""
+    from transformers import AutoModelForCausalLM
+
+    from opdcli import stages
+    from opdcli.dist import ALONE
+    from opdcli.engines.hf_sampler import sample
+    from opdcli.engines.hf_scorer import HFScorer, score_rollouts
+    from opdcli.engines.types import SamplingParams
+    from opdcli.learner import Learner
+    from opdcli.methods.base import MethodOutput
+
+    torch.manual_seed(0)
+    s = AutoModelForCausalLM.from_pretrained(tiny_dirs["student"])
+    t = AutoModelForCausalLM.from_pretrained(tiny_dirs["teacher"]).eval()
+    batch = sample(s, toy_tokenizer, ["<|im_start|>user\nCompute 1+2.<|im_end|>\n<|im_start|>assistant\n"],
+                   SamplingParams(n=4, max_new_tokens=9), generator=torch.Generator().manual_seed(0))
+    sc = score_rollouts(s, t, batch, k=4, chunk_tokens=4, batch_size=8, keep_teacher_hidden=True)
+    cfg, _ = load_config(TrainRunConfig, None, ["loss.objective=rkl", "optim.weight_decay=0.1"])
+    learner = Learner(s, cfg.optim, ALONE)
+    scorer = HFScorer(learner.module, t, k=4, chunk_tokens=4, batch_size=8)
+    full = MethodOutput(weights_B_T=sc.mask_B_T.clone(), metrics={})
+    moved = stages.learn(learner, scorer, batch, sc, full, cfg, 0, ALONE)  # builds AdamW momentum
+    assert moved["train/tokens_trained"] > 0 and "optim/empty_step" not in moved
+    before = [p.detach().clone() for p in s.parameters()]
+    empty = MethodOutput(weights_B_T=torch.zeros_like(sc.mask_B_T), metrics={})
+    out = stages.learn(learner, scorer, batch, sc, empty, cfg, 1, ALONE)
+    assert out["train/tokens_trained"] == 0 and out["optim/empty_step"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, s.parameters(), strict=True))

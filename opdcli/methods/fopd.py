@@ -10,8 +10,10 @@ rollout worker's own teacher scoring implies (log q - log p_beh; asynchronous.wo
 with the one recomputed at learner time (log q - log p_theta); without worker scoring it is 0.
 Samples with f_i < f_min are dropped; the kept ones weigh f_i / mean(f); tokens are weighted
 by a truncated importance ratio (`importance`, below); and a drift penalty beta * k3 is added
-to the objective, beta doubling / halving (up to `beta_max`) while the batch's mean D_roll is
-above / below `drift_target` (methods.md §4.2; math in opdcli.freshness). Lags above
+to the objective, beta doubling / halving (up to `beta_max`) while the batch's mean D_roll (over
+every sample, dropped ones included) is above / below `drift_target` (methods.md §4.2; math in
+opdcli.freshness). A step whose samples are all dropped trains nothing and takes no optimizer
+step (stages.learn). Lags above
 `asynchronous.max_lag` are dropped by the loop before scoring.
 
 `importance` says what the ratio corrects:
@@ -138,9 +140,10 @@ class FreshnessOPD(Method):
                         p + "is_weight_mean": float(masked_mean(rho_B_T, m)), p + "is_clipfrac": frac}
         beta = 0.0
         if self.penalty is not None:  # this batch trains with the current beta, then beta adapts
-            kept_drift = float(d_roll_B[keep_B].mean()) if bool(keep_B.any()) else 0.0
+            # to the drift of every sample of the batch: the drop removes the most drifted ones,
+            # so the kept samples' drift understates it (and with none kept read 0 and relaxed beta)
             beta = self.penalty.beta
-            metrics |= {p + "drift_beta": beta, p + "drift_beta_next": self.penalty.update(kept_drift)}
+            metrics |= {p + "drift_beta": beta, p + "drift_beta_next": self.penalty.update(float(d_roll_B.mean()))}
         return MethodOutput(weights_B_T=w_B_T.detach(), metrics=metrics,
                             advantages_B_T=stored_B_T if c.supervision == "stored" else None,
                             token_outputs={"is_weight": w_B_T.detach()},
