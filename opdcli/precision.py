@@ -12,9 +12,10 @@ reference stay in run.dtype.
 
 The autocast region is entered by forward hooks on the student, on its body and on its output
 head (the scorer and the objectives call the body and then the head chunk by chunk), so the
-sampler, the scorer, the training forward and the evaluation all run it without knowing; a
-region is not entered again when one is open: the sampler opens one region for a whole decode (`autocast_region`), so that the
-float32 weights are cast once per rollout, not once per token.
+sampler, the scorer, the training forward and the evaluation all run it without knowing. A
+region is not entered again when one is open: the sampler opens one for a whole decode
+(`autocast_region`), and autocast's cache then casts the float32 weights once per rollout, not
+once per token.
 """
 
 from __future__ import annotations
