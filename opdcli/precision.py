@@ -29,7 +29,6 @@ import torch
 from opdcli.lm import AUTOCAST_ATTR, unwrap
 
 HALF = (torch.bfloat16, torch.float16)
-ATTR = AUTOCAST_ATTR
 
 
 class _AutocastHooks:
@@ -64,13 +63,13 @@ def mixed_precision(student: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
     for module in {id(m): m for m in (student, student.base_model, student.get_output_embeddings())}.values():
         module.register_forward_pre_hook(hooks.enter)
         module.register_forward_hook(hooks.exit, always_call=True)
-        setattr(module, ATTR, dtype)
+        setattr(module, AUTOCAST_ATTR, dtype)
     return student
 
 
 def compute_dtype(model: Any) -> torch.dtype | None:
     """The autocast dtype of a mixed-precision student (None for any other model)."""
-    return getattr(unwrap(model), ATTR, None)
+    return getattr(unwrap(model), AUTOCAST_ATTR, None)
 
 
 def autocast_region(model: Any) -> contextlib.AbstractContextManager:

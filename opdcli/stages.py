@@ -167,11 +167,12 @@ def learn(learner, scorer: Scorer, rollout: RolloutBatch, scored: ScoredBatch, m
                               drift_penalty=mine.drift_penalty, collect=collect)
 
     trained = d.sum(float(((mine.weights_B_T > 0) & (scored.mask_B_T > 0)).sum()))
+    if trained == 0 and collect is None:
+        # every token weighs 0 (f-OPD dropped every sample): no forward, no backward, and no
+        # optimizer step, which would still move the weights along AdamW's momentum and decay
+        return {"loss/total": 0.0, "train/tokens_trained": 0.0, "optim/grad_norm": 0.0, "optim/empty_step": 1.0}
     metrics = train_on(rollout.batch_size, float(scored.mask_B_T.sum()), cfg.optim.grad_accum, micro_loss, d)
     metrics["train/tokens_trained"] = trained
-    if trained == 0:  # every token weighed 0 (f-OPD dropped them all): AdamW would still move the
-        learner.optimizer.zero_grad(set_to_none=True)  # weights along its momentum; no update instead
-        return metrics | {"optim/grad_norm": 0.0, "optim/empty_step": 1.0}
     return metrics | learner.step(cfg.optim, step, cfg.train.max_steps)
 
 

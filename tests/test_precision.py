@@ -93,7 +93,9 @@ def test_the_sampler_decodes_a_mixed_student_in_one_region_and_replicas_are_bf16
     assert not torch.equal(next(replica.parameters()).float(), next(pair.student.parameters()))
     again = sample(replica, pair.tokenizer, [PROMPT], params, generator=torch.Generator().manual_seed(0))
     assert again.response_ids_B_T.shape[0] == 3
-    assert copy.deepcopy(pair.student) is not None  # deep copies keep their own hooks
+    twin = copy.deepcopy(pair.student)  # a deep copy runs its own autocast hooks, on its own weights
+    assert twin(input_ids=torch.tensor([[5, 6, 7]])).logits.dtype == torch.bfloat16
+    assert {p.dtype for p in twin.parameters()} == {torch.float32} and not torch.is_autocast_enabled("cpu")
 
 
 def test_a_wrapped_mixed_student_scores_in_the_compute_dtype():

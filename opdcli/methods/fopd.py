@@ -13,8 +13,7 @@ by a truncated importance ratio (`importance`, below); and a drift penalty beta 
 to the objective, beta doubling / halving (up to `beta_max`) while the batch's mean D_roll (over
 every sample, dropped ones included) is above / below `drift_target` (methods.md §4.2; math in
 opdcli.freshness). A step whose samples are all dropped trains nothing and takes no optimizer
-step (stages.learn). Lags above
-`asynchronous.max_lag` are dropped by the loop before scoring.
+step (stages.learn). Lags above `asynchronous.max_lag` are dropped by the loop before scoring.
 
 `importance` says what the ratio corrects:
 - token: min(p_theta(y_t) / p_beh(y_t), is_cap), the sampled action of a sampled-token loss
