@@ -18,6 +18,7 @@ from opdcli.dist import Dist
 from opdcli.errors import CheckpointError, ModelError
 from opdcli.lm import ResponseLM
 from opdcli.optim import build_optimizer, optimizer_step
+from opdcli.precision import replica_weights
 
 
 def decoder_layers(lm: torch.nn.Module) -> torch.nn.ModuleList:
@@ -59,12 +60,14 @@ class Learner:
         return optimizer_step(self.module, self.optimizer, cfg, step, max_steps)
 
     def full_weights(self) -> dict[str, torch.Tensor] | None:
-        """The full weights on every rank (None alone, where engines share the module)."""
+        """The full weights on every rank, in the dtype the sampling replicas hold (None alone,
+        where engines share the module)."""
         if not self.d.active:
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return _strip(get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True)))
+        state = _strip(get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True)))
+        return replica_weights(self.module.lm, state)
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
         """(full weights or None alone, full optimizer state), complete on rank 0; a collective."""

@@ -89,6 +89,17 @@ def sampling_replica(student: torch.nn.Module) -> torch.nn.Module:
     return replica if dtype is None else replica.to(dtype)
 
 
+def replica_weights(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` as replicas and engines hold it: a mixed-precision student's float32 tensors cast
+    to its compute dtype (the same rounding the receiver's copy would do, done once before the
+    transfer, so that Ray, NCCL and vLLM pushes move half the bytes); unchanged for any other
+    model."""
+    dtype = compute_dtype(model)
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.dtype == torch.float32 else v for k, v in state.items()}
+
+
 def trains_mixed(dtype: torch.dtype, master_weights: bool) -> bool:
     """Whether a student trained in `dtype` keeps float32 weights (run.master_weights)."""
     return master_weights and dtype in HALF

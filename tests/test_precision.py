@@ -152,3 +152,23 @@ def test_master_weights_with_a_float32_run_is_refused():
     cfg, explicit = load_config(TrainRunConfig, str(ROOT / "configs/toy/opd.yaml"),
                                 ["run.dtype=bfloat16", "run.master_weights=false"])
     validate_common(cfg, explicit)  # pure bf16 training is a choice, not an error
+
+
+def test_replicas_and_engines_receive_the_compute_dtype_with_the_same_rounding():
+    from opdcli.precision import replica_weights
+
+    pair = load_configured_pair(TOY, "cpu", "bfloat16", master_weights=True)
+    state = pair.student.state_dict()
+    sent = replica_weights(pair.student, state)
+    assert {v.dtype for v in state.values()} == {torch.float32}
+    assert {v.dtype for v in sent.values()} == {torch.bfloat16} and sent.keys() == state.keys()
+    cast_there, cast_here = sampling_replica(pair.student), sampling_replica(pair.student)
+    with torch.no_grad():
+        next(pair.student.parameters()).add_(1e-3)  # weights the replicas do not hold yet
+    cast_there.load_state_dict(pair.student.state_dict())  # float32 sent, the replica casts
+    cast_here.load_state_dict(replica_weights(pair.student, pair.student.state_dict()))
+    assert all(torch.equal(a, b) for a, b in zip(cast_there.state_dict().values(), cast_here.state_dict().values(),
+                                                 strict=True))
+    plain = load_configured_pair(TOY, "cpu", "float32", load_teacher=False).student
+    plain_state = plain.state_dict()
+    assert replica_weights(plain, plain_state) is plain_state  # nothing to cast in a float32 run

@@ -16,6 +16,7 @@ from opdcli.config import VLLMConfig
 from opdcli.engines.types import GenerationControl, RowShard, SamplingParams
 from opdcli.engines.vllm_engine import VLLMSampler, check_vllm_model, model_head_dim, sleep_enabled
 from opdcli.errors import ConfigError
+from opdcli.precision import mixed_precision
 
 
 class FakeParams:
@@ -129,6 +130,11 @@ def test_weight_pushes(toy_tokenizer, tmp_path):
     new = {k: v + 1.0 for k, v in module.state_dict().items()}
     s.sync_weights(new, 6)  # a replica under torchrun: refreshed too
     assert torch.equal(module.state_dict()["model.norm.weight"], new["model.norm.weight"])
+    mixed = mixed_precision(init_model(toy_tokenizer, 32, 1, 0), torch.bfloat16)  # float32 weights, bf16 engine
+    m_sampler, m_llm = _sampler(toy_tokenizer, module=mixed)
+    m_sampler.sync_weights(None, 1)
+    assert {v.dtype for _, v in m_llm.rpc[-1][1]["weights_iterator"]} == {torch.bfloat16}  # half the bytes pushed
+    assert {p.dtype for p in mixed.parameters()} == {torch.float32}
     folder, f_llm = _sampler(toy_tokenizer, module=module, weight_sync="folder")
     seen = {}
     f_llm.collective_rpc = lambda method, kwargs=None: seen.update(

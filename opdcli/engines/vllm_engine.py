@@ -39,6 +39,7 @@ import torch
 
 from opdcli.engines.types import GenerationControl, RolloutBatch, RowShard, SamplingParams
 from opdcli.errors import ConfigError, EngineError
+from opdcli.precision import replica_weights
 
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 """Head sizes vLLM's CPU attention backend runs (0.32); others fail at the first forward."""
@@ -165,7 +166,7 @@ class VLLMSampler:
         """Push `state` (None: the mirrored module's current weights) into the engine; a given
         `state` also refreshes the mirrored module (a replica under torchrun)."""
         if state is None and self.model is not None:
-            state = self.model.state_dict()
+            state = replica_weights(self.model, self.model.state_dict())
         elif state is not None and self.model is not None:
             self.model.load_state_dict(state)
         if state is not None:
