@@ -54,9 +54,11 @@ def check_placement(cfg: Any, d: Dist, rows_per_step: int, stop_rule: bool) -> N
 
 
 def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *, reference=None,
-             train: bool = True, engine: str | None = None) -> Parts:
+             train: bool = True, engine: str | None = None, teachers: dict | None = None) -> Parts:
     """The learner (None when `train` is false), sampler and scorer of a run; `engine` overrides
-    rollout.engine (hf for a process that only holds the policy)."""
+    rollout.engine (hf for a process that only holds the policy); `teachers`: the domain teachers
+    of model.teachers, by tag."""
+    teachers = dict(teachers or {})
     policy = pair.student
     if train and d.active:  # the sampler's full replica, taken before the learner shards the student
         policy = sampling_replica(pair.student)
@@ -65,6 +67,7 @@ def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *,
     if d.active and cfg.dist.frozen_models == "shard":
         teacher = None if teacher is None else shard(ResponseLM(teacher))  # None: a vLLM teacher
         ref = None if ref is None else shard(ResponseLM(ref))
+        teachers = {tag: shard(ResponseLM(m)) for tag, m in teachers.items()}
     follower = pair.teacher if cfg.dist.frozen_models == "replicate" or not d.active else None
     if (engine or cfg.rollout.engine) == "vllm":
         sampler = vllm_sampler(cfg, cfg.model.student, pair.tokenizer, module=policy, device=pair.device,
@@ -75,7 +78,8 @@ def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *,
     method = getattr(cfg, "method", None)
     cross = method is not None and method_class(method.name).reads_student_on_teacher_topk
     scorer = HFScorer(scored_student, teacher, k=cfg.scoring.top_k, chunk_tokens=cfg.scoring.chunk_tokens,
-                      batch_size=cfg.scoring.batch_size, reference=ref, student_on_teacher_topk=cross)
+                      batch_size=cfg.scoring.batch_size, reference=ref, student_on_teacher_topk=cross,
+                      teachers=teachers, lockstep=d.active and cfg.dist.frozen_models == "shard")
     if cfg.scoring.teacher_engine == "vllm":
         scorer = vllm_teacher(cfg, scorer, pair)
     return Parts(learner, sampler, scorer)

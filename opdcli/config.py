@@ -81,6 +81,12 @@ class ModelConfig:
     """Student model: hub name, local folder, or toy:student / toy:teacher (shipped toy models)."""
     teacher: str = "toy:teacher"
     """Teacher model, same forms as student. Must share the student's vocabulary."""
+    teachers: dict[str, str] = field(default_factory=dict)
+    """Domain teachers by tag (G-OPD's merge of domain experts, `opd train` only): a prompt whose
+    data field `data.teacher_field` holds a tag is scored by that tag's teacher, a prompt without
+    one by model.teacher; e.g. {math: ./rl-math, code: ./rl-code}. Every teacher must share the
+    student's vocabulary. Sampled-token objectives (loss.objective=sampled or topk) on
+    transformers scoring."""
     trust_remote_code: bool = False
     """Passed to from_pretrained."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -132,6 +138,8 @@ class DataConfig:
     reach into nested records, e.g. reward_model.ground_truth (DAPO-Math-17k)."""
     solution_field: str = "solution"
     """Field with a reference solution (needed by `opd distill` with traces: gold)."""
+    teacher_field: str = "opd_teacher"
+    """Field naming the prompt's teacher, a key of model.teachers (multi-teacher runs only)."""
     system_prompt: str | None = None
     """Optional system message prepended to every prompt."""
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -30,6 +30,8 @@ class Prompt:
     solution: str | None = None
     template_kwargs: tuple[tuple[str, Any], ...] = ()
     """Extra chat-template variables (data.chat_template_kwargs), e.g. (("enable_thinking", False),)."""
+    teacher: str | None = None
+    """The model.teachers tag that scores this prompt (data.teacher_field); None: model.teacher."""
 
 
 def render(tokenizer: Any, prompt: Prompt) -> str:
@@ -179,9 +181,13 @@ def rows_to_prompts(rows: list[dict[str, Any]], cfg: DataConfig, where: str) -> 
             raise DataError(f"{where}: row {i} field '{cfg.prompt_field}' must be a string or a list of chat messages")
         answer = field_value(row, cfg.answer_field)
         solution = field_value(row, cfg.solution_field)
+        teacher = field_value(row, cfg.teacher_field)
+        if teacher is not None and (not isinstance(teacher, str) or not teacher):
+            raise DataError(f"{where}: row {i} field '{cfg.teacher_field}' must be a teacher's tag (a non-empty "
+                            f"string, a key of model.teachers), got {teacher!r}")
         pid = str(row.get("id", i))
         prompts.append(Prompt(pid, messages, None if answer is None else str(answer),
-                              None if solution is None else str(solution), _template_kwargs(cfg)))
+                              None if solution is None else str(solution), _template_kwargs(cfg), teacher))
     if cfg.max_prompts is not None:
         prompts = prompts[: cfg.max_prompts]
     if not prompts:
@@ -215,6 +221,13 @@ class PromptSource:
                 for j in order:
                     yield self._items[j]
                 epoch += 1
+
+    def teacher_tags(self) -> set[str] | None:
+        """The teachers' tags the prompts name (data.teacher_field); None for the toy stream,
+        whose prompts name none."""
+        if self._items is None:
+            return None
+        return {p.teacher for p in self._items if p.teacher is not None}
 
     def next_batch(self, n: int) -> list[Prompt]:
         self.position += n

@@ -234,6 +234,18 @@ def load_reference(name: str | None, pair: LoadedPair, m: ModelConfig) -> Any:
     return fit_vocab(ref, len(pair.tokenizer), name)
 
 
+def load_teachers(pair: LoadedPair, m: ModelConfig) -> dict[str, Any]:
+    """The domain teachers of model.teachers by tag, each checked against the student like the
+    teacher, frozen, in the run's dtype."""
+    teachers = {}
+    for tag, name in m.teachers.items():
+        check_same_vocabulary(pair.tokenizer, load_tokenizer(name, m.trust_remote_code), m.student, name)
+        model = load_model(name, pair.device, pair.dtype, trust_remote_code=m.trust_remote_code,
+                           attn_implementation=m.attn_implementation)
+        teachers[tag] = fit_vocab(model, len(pair.tokenizer), name)
+    return teachers
+
+
 def load_weights(model: Any, folder: str | Path) -> None:
     """Copy a checkpoint folder's weights into `model` (resume), before any sharding; a LoRA
     student takes the checkpoint's adapter."""

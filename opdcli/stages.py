@@ -56,6 +56,12 @@ def sample(sampler: Sampler, prompt_texts_P: list[str], params: SamplingParams, 
                           shard=row_shard(d, len(prompt_texts_P) * params.n))
 
 
+def route(rollout: RolloutBatch, prompts: list) -> RolloutBatch:
+    """The rollout of `prompts` with each prompt's teacher tag (model.teachers), for the scorer."""
+    tags = tuple(p.teacher for p in prompts)
+    return dataclasses.replace(rollout, prompt_teachers_P=tags) if any(t is not None for t in tags) else rollout
+
+
 def student_from_train(cfg, method: Method) -> bool:
     """Whether the step takes the student's scores from its training forward
     (scoring.student_scores; `train_forward` where it cannot take effect is refused with the reason)."""
@@ -69,6 +75,8 @@ def student_from_train(cfg, method: Method) -> bool:
         reason = "loss.objective=topk reads the student's top-K before training"
     elif cfg.scoring.teacher_engine != "hf":
         reason = f"scoring.teacher_engine={cfg.scoring.teacher_engine} keeps no teacher hidden states"
+    elif cfg.model.teachers:
+        reason = "model.teachers scores rows with several teachers, whose heads the training forward cannot apply"
     elif cfg.train.mode != "sync":
         reason = "train.mode=async scores and trains different policy versions"
     if reason is not None and want == "train_forward":
@@ -245,6 +253,23 @@ def batch_signals(scored: ScoredBatch, finished_B: torch.Tensor) -> dict[str, fl
         "rollout/finished_rate": float(finished_B.float().mean()),
         "rollout/tokens": float(m.sum()),
     }
+
+
+def route_signals(rollout: RolloutBatch, scored: ScoredBatch, teachers: dict[str, str], d: Dist) -> dict[str, float]:
+    """Per domain teacher (model.teachers), over the global batch: its share of the response
+    tokens and the student's sampled-token KL to it, `route/<tag>/tokens_frac` and
+    `signal/teacher_kl/<tag>` (every rank reduces the same tags, in order)."""
+    tags_B = rollout.teacher_tags_B
+    m_B_T = scored.mask_B_T
+    kl_B_T = (scored.student_lp_B_T - scored.teacher_lp_B_T) * m_B_T
+    total = d.sum(float(m_B_T.sum()))
+    out = {}
+    for tag in sorted(teachers):
+        mine = torch.tensor([t == tag for t in tags_B], dtype=torch.bool, device=m_B_T.device)
+        tokens, kl = d.sum(float(m_B_T[mine].sum())), d.sum(float(kl_B_T[mine].sum()))
+        out[f"route/{tag}/tokens_frac"] = tokens / max(total, 1.0)
+        out[f"signal/teacher_kl/{tag}"] = kl / tokens if tokens else float("nan")
+    return out
 
 
 def bad_signal(scored: ScoredBatch, d: Dist, student: bool = True) -> str | None:

@@ -49,6 +49,7 @@ def validate_train_config(cfg: TrainRunConfig, explicit: set[str]) -> None:
     if not 0.0 <= cfg.loss.beta <= 1.0:
         raise ConfigError(f"loss.beta is {cfg.loss.beta}; it must be in [0, 1]")
     validate_common(cfg, explicit)
+    _check_teachers(cfg, explicit)
     if cfg.train.mode == "sync":
         for key in sorted(k for k in explicit if k.startswith("asynchronous.") or k == "run.ray_address"):
             raise ConfigError(f"{key} cannot take effect: train.mode=sync runs no rollout workers; "
@@ -71,6 +72,52 @@ def validate_train_config(cfg: TrainRunConfig, explicit: set[str]) -> None:
     if (cfg.rollout.top_p < 1 or cfg.rollout.top_k > 0 or cfg.rollout.temperature != 1.0) and obj != "sampled":
         warnings.warn(f"rollouts are not sampled from the student itself (temperature/top-p/top-k) and "
                       f"loss.objective={obj} has no importance ratio: the gradient is biased", stacklevel=2)
+
+
+def _check_teachers(cfg: TrainRunConfig, explicit: set[str]) -> None:
+    """model.teachers (domain teachers by tag): what routed scoring can serve."""
+    teachers = cfg.model.teachers
+    if not teachers:
+        _refuse(explicit, ["data.teacher_field"], "model.teachers is empty, so every prompt goes to model.teacher")
+        return
+    if any(not isinstance(tag, str) or not tag or not isinstance(name, str) or not name
+           for tag, name in teachers.items()):
+        raise ConfigError("model.teachers maps tags to models, e.g. {math: ./rl-math, code: ./rl-code}; "
+                          "every tag and model must be a non-empty string")
+    fix = "set loss.objective=sampled (G-OPD's objective) or topk, or use one teacher"
+    if cfg.loss.objective in FULL_DISTRIBUTION:
+        raise ConfigError(f"model.teachers with loss.objective={cfg.loss.objective}: full-distribution objectives "
+                          f"apply one teacher's head inside the training forward; {fix}")
+    if cfg.scoring.teacher_engine != "hf":
+        raise ConfigError("model.teachers with scoring.teacher_engine=vllm: the vLLM teacher serves model.teacher "
+                          "only; set scoring.teacher_engine=hf")
+    if cfg.train.mode == "async" and cfg.asynchronous.worker_scoring:
+        raise ConfigError("model.teachers with asynchronous.worker_scoring: rollout workers hold model.teacher "
+                          "only; set asynchronous.worker_scoring=false (the learner scores every teacher)")
+
+
+def check_routes(cfg: Any, source: Any, method: Any) -> None:
+    """Refuse, before any model loads, model.teachers that no prompt reaches, a prompt whose tag
+    names no teacher, and a method that runs model.teacher during sampling."""
+    teachers = cfg.model.teachers
+    if not teachers:
+        return
+    field = cfg.data.teacher_field
+    tags = source.teacher_tags()
+    if tags is None:
+        raise ConfigError("model.teachers cannot take effect: the toy prompts name no teacher; use a data file "
+                          f"whose rows name theirs in a '{field}' field (data.teacher_field)")
+    if not tags:
+        raise ConfigError(f"model.teachers cannot take effect: no row of {cfg.data.source} has a '{field}' field "
+                          "naming its teacher; add one, or set data.teacher_field")
+    unknown = sorted(tags - set(teachers))
+    if unknown:
+        raise ConfigError(f"{cfg.data.source} names teacher '{unknown[0]}' in its '{field}' field, which "
+                          f"model.teachers lacks (it has: {', '.join(sorted(teachers))}); add "
+                          f"model.teachers.{unknown[0]}=<model> or fix the data")
+    if method.stop_rule() is not None:
+        raise ConfigError(f"method '{method.name}' with model.teachers: online truncation runs model.teacher along "
+                          "generation, not each row's domain teacher; set method.options.online=false")
 
 
 def _check_nccl(cfg: Any) -> None:
@@ -104,6 +151,11 @@ def _check_lora(cfg: Any, explicit: set[str]) -> None:
 
 def validate_common(cfg: Any, explicit: set[str]) -> None:
     _check_lora(cfg, explicit)
+    if hasattr(cfg, "distill") and cfg.model.teachers:
+        raise ConfigError("model.teachers cannot take effect in opd distill: traces and SFT use model.teacher "
+                          "only; remove it (opd train routes prompts to domain teachers)")
+    if hasattr(cfg, "distill") and "data.teacher_field" in explicit:
+        raise ConfigError("data.teacher_field cannot take effect in opd distill (one teacher); remove it")
     if "run.master_weights" in explicit and cfg.run.dtype == "float32":
         raise ConfigError("run.master_weights cannot take effect: with run.dtype=float32 the student's weights are "
                           "float32 already; remove it, or set run.dtype=bfloat16 for mixed precision")

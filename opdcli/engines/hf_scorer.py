@@ -7,9 +7,12 @@ reference works as well as a replicated one.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from opdcli.engines.types import RolloutBatch, ScoredBatch
+from opdcli.errors import DataError
 from opdcli.lm import as_response_lm, token_stats
 
 
@@ -26,12 +29,19 @@ class HFScorer:
         student_on_teacher_topk: also score the student's log-probs of the teacher's top-K ids
             (TOPD's divergence on the union of both top-K sets): the student's head runs once
             more on its kept hidden states, its body does not.
+        teachers: domain teachers by tag (model.teachers): a row whose prompt names a tag
+            (`RolloutBatch.teacher_tags_B`) is scored by that teacher, any other by `teacher`.
+        lockstep: the teachers are sharded over ranks (a forward is a collective), so every
+            rank runs every teacher on every sub-batch, on one throw-away row where it has none.
     """
 
     def __init__(self, student, teacher, *, k: int, chunk_tokens: int, batch_size: int,
-                 reference=None, student_on_teacher_topk: bool = False) -> None:
+                 reference=None, student_on_teacher_topk: bool = False, teachers: dict | None = None,
+                 lockstep: bool = False) -> None:
+        self.lockstep = lockstep
         self.student = None if student is None else as_response_lm(student)
         self.teacher = None if teacher is None else as_response_lm(teacher)
+        self.teachers = {tag: as_response_lm(m) for tag, m in (teachers or {}).items()}
         self.reference = None if reference is None else as_response_lm(reference)
         self.k, self.chunk_tokens, self.batch_size = k, chunk_tokens, batch_size
         self.student_on_teacher_topk = student_on_teacher_topk
@@ -48,14 +58,48 @@ class HFScorer:
             return model(hidden_B_T_H=hidden_B_T_H, compute=compute)
         return model(batch, compute=compute)
 
+    def _teacher_stats(self, batch: RolloutBatch, k: int, cand_ids_B_T_K=None, keep_hidden: bool = False,
+                       hidden_B_T_H: torch.Tensor | None = None):
+        """`_stats` of each row's teacher: model.teacher, or the domain teacher its prompt names
+        (rows grouped by teacher, one forward per group, results put back in row order)."""
+        tags_B = batch.teacher_tags_B
+        if not self.teachers or (not self.lockstep and all(t is None for t in tags_B)):
+            return self._stats(self.teacher, batch, k, cand_ids_B_T_K, keep_hidden, hidden_B_T_H)
+        assert not keep_hidden and hidden_B_T_H is None, "routed teachers keep no hidden states (validate refuses)"
+        unknown = sorted({t for t in tags_B if t is not None} - set(self.teachers))
+        if unknown:
+            raise DataError(f"a prompt names teacher '{unknown[0]}' (its data.teacher_field), which model.teachers "
+                            f"does not have (it has: {', '.join(sorted(self.teachers))}); add "
+                            f"model.teachers.{unknown[0]}=<model> or fix the data")
+        out: dict[str, torch.Tensor] = {}
+        for tag in [None, *sorted(self.teachers)]:  # one order on every rank
+            rows = [b for b, t in enumerate(tags_B) if t == tag]
+            if not rows and not self.lockstep:
+                continue
+            model = self.teacher if tag is None else self.teachers[tag]
+            pick = rows or [0]  # lockstep: a throw-away row keeps this rank in the collective
+            idx = torch.tensor(pick, dtype=torch.long, device=batch.response_ids_B_T.device)
+            cand = None if cand_ids_B_T_K is None else cand_ids_B_T_K[idx]
+            stats = self._stats(model, batch.rows(pick), k, cand)[0]
+            if not rows:
+                continue
+            for name, value in vars(stats).items():
+                if isinstance(value, torch.Tensor):
+                    if name not in out:
+                        out[name] = value.new_zeros((batch.batch_size, *value.shape[1:]))
+                    out[name][idx] = value
+        return dataclasses.replace(stats, **out), None
+
     @torch.no_grad()
     def teacher_hidden(self, batch: RolloutBatch) -> torch.Tensor:
         """The teacher's final hidden states on the response positions, (B, T, H)."""
+        assert not self.teachers, "routed teachers keep no hidden states (validate refuses)"
         return self.teacher(batch, compute=lambda h, head: h)
 
     @torch.no_grad()
     def teacher_logits(self, hidden_B_C_H: torch.Tensor) -> torch.Tensor:
         """The teacher's logits (float32) on kept hidden states."""
+        assert not self.teachers, "routed teachers keep no hidden states (validate refuses)"
         return self.teacher(hidden_B_T_H=hidden_B_C_H, compute=lambda h, head: head(h).float())
 
     @torch.no_grad()
@@ -80,8 +124,8 @@ class HFScorer:
                 got = {"s_lp": s.lp_B_T, "s_ids": s.topk_ids_B_T_K, "s_top": s.topk_lp_B_T_K}
             else:
                 got = _unscored(sub.response_ids_B_T, self.k)
-            t, h_t = self._stats(self.teacher, sub, self.k, got["s_ids"] if with_student else None,
-                                 keep_teacher_hidden, sub.teacher_hidden_B_T_H)
+            t, h_t = self._teacher_stats(sub, self.k, got["s_ids"] if with_student else None,
+                                         keep_teacher_hidden, sub.teacher_hidden_B_T_H)
             got |= {"t_lp": t.lp_B_T, "t_ids": t.topk_ids_B_T_K, "t_top": t.topk_lp_B_T_K}
             if cross:
                 got["s_on_t"] = self._stats(self.student, sub, 1, t.topk_ids_B_T_K, hidden_B_T_H=h_s)[0].cand_lp_B_T_K
@@ -108,7 +152,7 @@ class HFScorer:
     def teacher_token_lp(self, batch: RolloutBatch) -> torch.Tensor:
         """The teacher's log-probs of the sampled tokens only, (B, T) (a rollout worker's scoring)."""
         subs = [batch.rows(slice(a, a + self.batch_size)) for a in range(0, batch.batch_size, self.batch_size)]
-        parts = [self._stats(self.teacher, sub, 1, hidden_B_T_H=sub.teacher_hidden_B_T_H)[0].lp_B_T for sub in subs]
+        parts = [self._teacher_stats(sub, 1, hidden_B_T_H=sub.teacher_hidden_B_T_H)[0].lp_B_T for sub in subs]
         return torch.cat(parts, 0)
 
 

@@ -121,6 +121,15 @@ class RolloutBatch:
     follower_tokens: int = 0
     teacher_lp_B_T: torch.Tensor | None = None
     teacher_hidden_B_T_H: torch.Tensor | None = None
+    prompt_teachers_P: tuple[str | None, ...] = ()
+    """The model.teachers tag of each prompt (None: model.teacher); () when no prompt has one."""
+
+    @property
+    def teacher_tags_B(self) -> tuple[str | None, ...]:
+        """Each row's teacher tag (all None without multi-teacher routing)."""
+        if not self.prompt_teachers_P:
+            return (None,) * self.batch_size
+        return tuple(self.prompt_teachers_P[i] for i in self.prompt_index_B)
 
     @property
     def batch_size(self) -> int:

@@ -41,13 +41,15 @@ def step(*, cfg: TrainRunConfig, parts: Parts, method: Method, source: PromptSou
     # sample: this rank's rows of the student's own responses, under the method's control
     with timed(metrics, "sample"):
         control = method.generation_control(cfg.rollout.max_new_tokens, step_idx)
-        rollout = stages.sample(parts.sampler, [render(tokenizer, p) for p in prompts],
-                                stages.sampling_params(cfg.rollout), d, control)
+        rollout = stages.route(stages.sample(parts.sampler, [render(tokenizer, p) for p in prompts],
+                                             stages.sampling_params(cfg.rollout), d, control), prompts)
     # score: student and teacher per-token log-probs and top-K, no grad
     # (the student's own scores come from its training forward where the method allows it)
     fused = stages.student_from_train(cfg, method)
     with timed(metrics, "score"):
         scored = stages.score(parts.scorer, rollout, cfg.loss.objective, fused)
+    if cfg.model.teachers:
+        metrics |= stages.route_signals(rollout, scored, cfg.model.teachers, d)
     if stages.guard(stages.bad_signal(scored, d, student=not fused), step_idx, cfg.train.on_nonfinite, metrics):
         return metrics, None  # skipped before any update
     # method: weights and advantages, computed on the global batch

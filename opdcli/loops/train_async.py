@@ -136,7 +136,7 @@ def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorke
             step_idx, metrics, t0 = ctx.state.step, {}, time.perf_counter()
             with timed(metrics, "wait"):  # the learner's idle time
                 rollout, seconds, worker, prompts = _collect(pool, inflight, send, a.max_restarts)
-                rollout = rollout.to(device)
+                rollout = stages.route(rollout.to(device), prompts)
                 fill = len(pool.ray.wait([r for r, _, _ in inflight], num_returns=len(inflight), timeout=0)[0]) \
                     if inflight else 0
             submit(worker)  # the worker goes on at once, with the newest weights
@@ -153,6 +153,8 @@ def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorke
                 rollout = rollout.rows(keep)
                 with timed(metrics, "score"):
                     scored = stages.score(parts.scorer, rollout, cfg.loss.objective)
+                if cfg.model.teachers:
+                    metrics |= stages.route_signals(rollout, scored, cfg.model.teachers, ALONE)
                 with timed(metrics, "method"):
                     rows, whole = stages.gather(rollout, scored, ALONE)
                     out = stages.weigh(method, whole, rows, cfg.loss, step_idx)

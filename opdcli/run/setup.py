@@ -15,11 +15,17 @@ from opdcli.data import PromptSource, heldout_prompts
 from opdcli.doctor import preflight
 from opdcli.engines.vllm_scorer import check_teacher_engine
 from opdcli.methods import Method, build_method
-from opdcli.models import LoadedPair, load_configured_pair, load_reference, load_weights
+from opdcli.models import (
+    LoadedPair,
+    load_configured_pair,
+    load_reference,
+    load_teachers,
+    load_weights,
+)
 from opdcli.run.context import RunContext, open_run, resume_point, setup_process
 from opdcli.run.trackers import check_trackers
 from opdcli.stages import student_from_train
-from opdcli.validate import check_sampler
+from opdcli.validate import check_routes, check_sampler
 
 
 @dataclass
@@ -49,6 +55,7 @@ def prepare_training(cfg: Any, argv: list[str], d: dist.Dist, sampler: Any,
     preflight(cfg, report=d.is_main)  # the pair's tokenizers, templates, EOS, context: `opd doctor`
     check_trackers(cfg.train)  # train.wandb / trackio without their package: refused before models load
     source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
+    check_routes(cfg, source, method)
     heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
     ckpt = resume_point(cfg)
     m = cfg.model
@@ -59,7 +66,7 @@ def prepare_training(cfg: Any, argv: list[str], d: dist.Dist, sampler: Any,
     method.attach(pair.tokenizer)
     reference = load_reference(method.reference_model(m.student), pair, m)
     parts = assemble(cfg, pair, d, torch.Generator(device=pair.device), reference=reference,
-                     engine=cfg.rollout.engine if local_sampling else "hf")
+                     engine=cfg.rollout.engine if local_sampling else "hf", teachers=load_teachers(pair, m))
     feed = wrap_source(source) if wrap_source is not None else source
     ctx = open_run(cfg, argv, d, eval_model=parts.policy, tokenizer=pair.tokenizer, device=pair.device,
                    dtype=pair.dtype, source=feed, heldout=heldout, learner=parts.learner, method=method, ckpt=ckpt)
