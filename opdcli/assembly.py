@@ -65,9 +65,11 @@ def assemble(cfg: Any, pair: LoadedPair, d: Dist, generator: torch.Generator, *,
     learner = Learner(pair.student, cfg.optim, d) if train else None
     teacher, ref = pair.teacher, reference
     if d.active and cfg.dist.frozen_models == "shard":
-        teacher = None if teacher is None else shard(ResponseLM(teacher))  # None: a vLLM teacher
+        unique = {id(m): m for m in (teacher, *teachers.values()) if m is not None}  # a shared model once
+        sharded = {key: shard(ResponseLM(m)) for key, m in unique.items()}
+        teacher = None if teacher is None else sharded[id(teacher)]  # None: a vLLM teacher
         ref = None if ref is None else shard(ResponseLM(ref))
-        teachers = {tag: shard(ResponseLM(m)) for tag, m in teachers.items()}
+        teachers = {tag: sharded[id(m)] for tag, m in teachers.items()}
     follower = pair.teacher if cfg.dist.frozen_models == "replicate" or not d.active else None
     if (engine or cfg.rollout.engine) == "vllm":
         sampler = vllm_sampler(cfg, cfg.model.student, pair.tokenizer, module=policy, device=pair.device,

@@ -280,7 +280,7 @@ def rollout(
 
 @toy_app.command("build")
 def toy_build(
-    which: Annotated[list[str] | None, typer.Argument(help="Models to build (default: every model of --world, in order): teacher, student, teacher-long, student-long; teacher-forms-8, teacher-forms, teacher-forms-symbolic, student-forms-8, student-forms, student-forms-plus (a model starting from another is built after it, in the same --out).")] = None,
+    which: Annotated[list[str] | None, typer.Argument(help="Models to build (default: every model of --world, in order): teacher, student, teacher-long, student-long, teacher-add, teacher-mul (domain experts grown from student); teacher-forms-8, teacher-forms, teacher-forms-symbolic, student-forms-8, student-forms, student-forms-plus (a model starting from another is built after it, in the same --out).")] = None,
     world: Annotated[str, typer.Option(help="arith: the first toy world (about 30 minutes on 2 CPU cores); forms: the second (opdcli.toy.forms).")] = "arith",
     out: Annotated[Path | None, typer.Option(help="Output folder (default: the shipped weights folder).")] = None,
     steps: Annotated[int | None, typer.Option(help="Override the SFT steps (for quick checks).")] = None,

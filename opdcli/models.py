@@ -236,13 +236,18 @@ def load_reference(name: str | None, pair: LoadedPair, m: ModelConfig) -> Any:
 
 def load_teachers(pair: LoadedPair, m: ModelConfig) -> dict[str, Any]:
     """The domain teachers of model.teachers by tag, each checked against the student like the
-    teacher, frozen, in the run's dtype."""
-    teachers = {}
+    teacher, frozen, in the run's dtype; one that is model.teacher (or another tag's model) is
+    the same loaded model, not a second copy."""
+    teachers: dict[str, Any] = {}
+    loaded = {m.teacher: pair.teacher} if pair.teacher is not None else {}
     for tag, name in m.teachers.items():
+        if name in loaded:
+            teachers[tag] = loaded[name]
+            continue
         check_same_vocabulary(pair.tokenizer, load_tokenizer(name, m.trust_remote_code), m.student, name)
         model = load_model(name, pair.device, pair.dtype, trust_remote_code=m.trust_remote_code,
                            attn_implementation=m.attn_implementation)
-        teachers[tag] = fit_vocab(model, len(pair.tokenizer), name)
+        teachers[tag] = loaded[name] = fit_vocab(model, len(pair.tokenizer), name)
     return teachers
 
 

@@ -189,3 +189,14 @@ def test_sharded_teachers_under_torchrun_route_in_lockstep_and_match_one_process
     for one, two in zip(runs["one"], runs["two"], strict=True):
         for key in ("signal/teacher_kl/hard", "signal/teacher_kl/self", "route/hard/tokens_frac", "loss/total"):
             assert one[key] == pytest.approx(two[key], abs=1e-4), key
+
+
+def test_a_domain_teacher_that_is_model_teacher_is_loaded_once():
+    from opdcli.config import ModelConfig
+    from opdcli.models import load_configured_pair, load_teachers
+
+    m = ModelConfig(teachers={"a": "toy:teacher", "b": "toy:student", "c": "toy:student"})
+    pair = load_configured_pair(m, "cpu", "float32")
+    got = load_teachers(pair, m)
+    assert got["a"] is pair.teacher and got["b"] is got["c"] and got["b"] is not pair.student
+    assert not any(p.requires_grad for p in got["b"].parameters())

@@ -77,6 +77,20 @@ TOY_SPECS |= {
                                  prompts_per_step=32, max_new_tokens=160, head_dim=32),
 }
 
+# Two domain experts grown from the student's own start (G-OPD's merge of domain teachers: the
+# paper's math and code teachers are domain RL runs from the student's base): more SFT of the
+# student on one domain each, additions / subtractions or multiplications. Same size as the
+# student; a run routes each domain's prompts to its expert (model.teachers).
+DOMAIN_ADD = ToyTaskConfig(ops="+-")
+DOMAIN_MUL = ToyTaskConfig(ops="*")
+_DOMAIN = {"lr": 2e-3, "warmup": 20, "init_from": "student", "head_dim": 32}
+TOY_SPECS |= {
+    "teacher-add": ToyModelSpec("teacher-add", hidden=96, layers=2, steps=300, schedule_steps=300, task=DOMAIN_ADD,
+                                **_DOMAIN),
+    "teacher-mul": ToyModelSpec("teacher-mul", hidden=96, layers=2, steps=300, schedule_steps=300, task=DOMAIN_MUL,
+                                **_DOMAIN),
+}
+
 # The second toy world (opdcli.toy.forms): one multiplication then 16 additions / subtractions,
 # each late step in one of three surface forms, answers of about 200 BPE tokens. Two teachers of
 # the same size: one trained on the student's style mix (the compatible pair) and one that never
