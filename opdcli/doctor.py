@@ -263,6 +263,9 @@ def diagnose(cfg: Any) -> list[Finding]:
                            "checked against the student's when the run connects"))
     else:
         models.append(_load("teacher", m.teacher, trc))
+    domain = {name: tag for tag, name in sorted(m.teachers.items()) if name != m.teacher}  # one check per model
+    teachers = models[1:] + [_load(f"teacher {tag}", name, trc) for name, tag in domain.items()]
+    models = [student, *teachers]
     ref_name = build_method(cfg.method.name, cfg.method.options, cfg.loss).reference_model(m.student)
     if ref_name is not None and ref_name != m.student:
         models.append(_load("reference", ref_name, trc))
@@ -275,9 +278,9 @@ def diagnose(cfg: Any) -> list[Finding]:
     if any(f.level == "error" for f in out):
         return out  # nothing else means anything across two vocabularies
     out += check_widths(models)
-    if not served:
-        out += check_templates(student, models[1], prompts[0])
-        out += check_eos(student, models[1], tuple(cfg.rollout.stop_tokens))
+    for teacher in teachers:  # none when the teacher is served
+        out += check_templates(student, teacher, prompts[0])
+        out += check_eos(student, teacher, tuple(cfg.rollout.stop_tokens))
     out += check_generation_config(student, cfg.rollout)
     out += check_dtype(cfg.run)
     texts = [(f"prompt {i}", render(student.tok, p)) for i, p in enumerate(_unique(prompts))]

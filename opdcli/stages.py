@@ -261,7 +261,7 @@ def route_signals(rollout: RolloutBatch, scored: ScoredBatch, teachers: dict[str
     `signal/teacher_kl/<tag>` (every rank reduces the same tags, in order)."""
     tags_B = rollout.teacher_tags_B
     m_B_T = scored.mask_B_T
-    kl_B_T = (scored.student_lp_B_T - scored.teacher_lp_B_T) * m_B_T
+    kl_B_T = torch.where(m_B_T > 0, scored.student_lp_B_T - scored.teacher_lp_B_T, 0.0)
     total = d.sum(float(m_B_T.sum()))
     out = {}
     for tag in sorted(teachers):

@@ -88,22 +88,22 @@ def _check_teachers(cfg: TrainRunConfig, explicit: set[str]) -> None:
     if cfg.loss.objective in FULL_DISTRIBUTION:
         raise ConfigError(f"model.teachers with loss.objective={cfg.loss.objective}: full-distribution objectives "
                           f"apply one teacher's head inside the training forward; {fix}")
-    if cfg.scoring.teacher_engine != "hf":
-        raise ConfigError("model.teachers with scoring.teacher_engine=vllm: the vLLM teacher serves model.teacher "
-                          "only; set scoring.teacher_engine=hf")
     if cfg.train.mode == "async" and cfg.asynchronous.worker_scoring:
         raise ConfigError("model.teachers with asynchronous.worker_scoring: rollout workers hold model.teacher "
                           "only; set asynchronous.worker_scoring=false (the learner scores every teacher)")
 
 
-def check_routes(cfg: Any, source: Any, method: Any) -> None:
-    """Refuse, before any model loads, model.teachers that no prompt reaches, a prompt whose tag
-    names no teacher, and a method that runs model.teacher during sampling."""
+def check_routes(cfg: Any, tags: set[str] | None, method: Any) -> None:
+    """Refuse, before any model loads, model.teachers that no prompt reaches (`tags`: the tags
+    the prompts name, None for toy prompts), a prompt whose tag names no teacher, a vLLM
+    teacher, and a method that runs model.teacher during sampling."""
     teachers = cfg.model.teachers
     if not teachers:
         return
     field = cfg.data.teacher_field
-    tags = source.teacher_tags()
+    if cfg.scoring.teacher_engine != "hf":
+        raise ConfigError("model.teachers with scoring.teacher_engine=vllm: the vLLM teacher serves model.teacher "
+                          "only; set scoring.teacher_engine=hf")
     if tags is None:
         raise ConfigError("model.teachers cannot take effect: the toy prompts name no teacher; use a data file "
                           f"whose rows name theirs in a '{field}' field (data.teacher_field)")

@@ -87,7 +87,6 @@ def _cfg(*sets: str) -> tuple[TrainRunConfig, set[str]]:
 
 @pytest.mark.parametrize(("sets", "needle"), [
     (["loss.objective=rkl"], "full-distribution objectives"),
-    (["loss.objective=sampled", "scoring.teacher_engine=vllm"], "scoring.teacher_engine=hf"),
     (["loss.objective=sampled", "train.mode=async", "asynchronous.worker_scoring=true"], "worker_scoring=false"),
 ])
 def test_settings_a_routed_teacher_cannot_serve_are_refused(sets, needle):
@@ -106,7 +105,7 @@ def test_routes_no_prompt_reaches_or_no_teacher_serves_are_refused(tmp_path):
     def check(source: str, *sets: str, method: str = "gopd", options: dict | None = None) -> None:
         cfg, _ = _cfg(f"data.source={source}", "model.teachers.a=toy:teacher", "loss.objective=sampled", *sets)
         m = build_method(method, options or {}, cfg.loss)
-        check_routes(cfg, PromptSource(cfg.data, 0), m)
+        check_routes(cfg, PromptSource(cfg.data, 0).teacher_tags(), m)
 
     with pytest.raises(ConfigError, match="toy prompts name no teacher"):
         check("toy")
@@ -114,6 +113,8 @@ def test_routes_no_prompt_reaches_or_no_teacher_serves_are_refused(tmp_path):
         check(str(_data(tmp_path, [None, None])))
     with pytest.raises(ConfigError, match="names teacher 'b'.*model.teachers.b="):
         check(str(_data(tmp_path, ["a", "b"])))
+    with pytest.raises(ConfigError, match="scoring.teacher_engine=hf"):
+        check(str(_data(tmp_path, ["a", None])), "scoring.teacher_engine=vllm")
     with pytest.raises(ConfigError, match="online truncation"):
         check(str(_data(tmp_path, ["a", None])), method="prune", options={"online": True})
     check(str(_data(tmp_path, ["a", None])))  # one tagged row is enough; the other goes to model.teacher
@@ -152,6 +153,12 @@ def test_opd_train_routes_each_domain_to_its_teacher_and_trains(tmp_path):
     assert first["signal/teacher_kl"] == pytest.approx(
         first["route/hard/tokens_frac"] * first["signal/teacher_kl/hard"]
         + first["route/self/tokens_frac"] * first["signal/teacher_kl/self"], abs=1e-5)
+    from opdcli.records.io import RolloutRecord
+
+    records = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    for rec in records:
+        assert RolloutRecord.from_json(rec).to_json()["teacher"] == rec["teacher"]  # valid, and read back
+    assert {r["teacher"] for r in records} == {"hard", "self"}  # each sample says which teacher scored it
     start = load_file(Path(resolve_model_path("toy:student")) / "model.safetensors")
     final = load_file(out / "checkpoints" / "step_3" / "model.safetensors")
     assert any(not torch.equal(start[k], final[k]) for k in start)  # the student changed
@@ -200,3 +207,15 @@ def test_a_domain_teacher_that_is_model_teacher_is_loaded_once():
     got = load_teachers(pair, m)
     assert got["a"] is pair.teacher and got["b"] is got["c"] and got["b"] is not pair.student
     assert not any(p.requires_grad for p in got["b"].parameters())
+
+
+def test_the_doctor_checks_every_domain_teacher_against_the_student():
+    from opdcli.doctor import diagnose
+
+    cfg, _ = _cfg("model.teachers.a=toy:teacher", "model.teachers.b=toy:teacher-forms", "loss.objective=sampled")
+    errors = [f.line() for f in diagnose(cfg) if f.level == "error"]
+    assert errors and "toy:teacher-forms" in errors[0]  # another vocabulary: refused before any run
+    cfg, _ = _cfg("model.teachers.a=toy:teacher", "model.teachers.b=toy:teacher-add", "loss.objective=sampled")
+    checked = [f.line() for f in diagnose(cfg)]
+    assert not [f for f in diagnose(cfg) if f.level == "error"]
+    assert sum("chat template" in line for line in checked) == 2  # model.teacher and teacher-add, each once

@@ -136,9 +136,9 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     from opdcli.dist import ALONE
     from opdcli.engines.vllm_scorer import check_teacher_engine
     from opdcli.methods import build_method
-    from opdcli.models import load_configured_pair, load_reference
+    from opdcli.models import load_configured_pair, load_reference, load_teachers
     from opdcli.run.context import setup_process
-    from opdcli.validate import check_sampler
+    from opdcli.validate import check_routes, check_sampler
 
     out = Path(out)
     check_rollout_config(cfg, overrides or set())
@@ -147,16 +147,18 @@ def run_rollout(cfg: TrainRunConfig, out: str | Path, *, overrides: set[str] | N
     method = build_method(cfg.method.name, cfg.method.options, cfg.loss)
     method.check_scoring(cfg.scoring.top_k)
     check_sampler(sampler_class(cfg), method)
+    prompts = _prompts(cfg)  # data errors surface before models load
+    check_routes(cfg, None if cfg.data.source == "toy" else {p.teacher for p in prompts if p.teacher}, method)
     check_teacher_engine(cfg, method)
     check_engine(cfg, cfg.model.student, "student")
     preflight(cfg)  # the pair's tokenizers, templates, EOS, context: `opd doctor`
-    prompts = _prompts(cfg)  # data errors surface before models load
     m = cfg.model
     pair = load_configured_pair(m, cfg.run.device, cfg.run.dtype, **teacher_loading(cfg))
     method.attach(pair.tokenizer)
     reference = load_reference(method.reference_model(m.student), pair, m)
     generator = torch.Generator(device=pair.device).manual_seed(cfg.run.seed)
-    parts = assemble(cfg, pair, ALONE, generator, reference=reference, train=False)
+    parts = assemble(cfg, pair, ALONE, generator, reference=reference, train=False,
+                     teachers=load_teachers(pair, m))
     start, tokens = time.perf_counter(), 0
     run_id = uuid.uuid4().hex[:12]
     with _open_out(out) as writer:
@@ -179,8 +181,8 @@ def _batch(cfg: TrainRunConfig, parts, method, prompts: list[Any], writer: _Renu
 
     tok = parts.sampler.tokenizer
     # the full rollout.max_new_tokens and no stop rule: records of whole responses
-    rollout = stages.sample(parts.sampler, [render(tok, p) for p in prompts], stages.sampling_params(cfg.rollout),
-                            ALONE)
+    rollout = stages.route(stages.sample(parts.sampler, [render(tok, p) for p in prompts],
+                                         stages.sampling_params(cfg.rollout), ALONE), prompts)
     scored = stages.score(parts.scorer, rollout, "sampled")
     rows, whole = stages.gather(rollout, scored, ALONE)
     out = stages.weigh(method, whole, rows, cfg.loss, 0)

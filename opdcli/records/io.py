@@ -69,6 +69,8 @@ class RolloutRecord:
     method: dict[str, Any] | None = None
     version_lag: int | None = None
     freshness: float | None = None
+    teacher: str | None = None
+    """The model.teachers tag of the domain teacher that scored the sample (None: model.teacher)."""
 
     @property
     def num_tokens(self) -> int:

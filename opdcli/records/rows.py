@@ -46,6 +46,8 @@ def write_rollout_records(writer: RolloutWriter | None, run_id: str, step: int, 
             "finished": bool(rollout.finished_B[b]),
             "answer": prompt.answer, "correct": None if prompt.answer is None else grade(text, prompt.answer),
         }
+        if prompt.teacher is not None:
+            rec["teacher"] = prompt.teacher
         if with_lag:
             rec["version_lag"] = max(0, step - int(scored.version_B[b]))
         if "freshness" in out.trajectory_outputs:

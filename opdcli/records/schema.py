@@ -66,6 +66,7 @@ OPTIONAL_FIELDS = (
     "method",
     "version_lag",
     "freshness",
+    "teacher",
 )
 _ALL_FIELDS = frozenset(_HEADER_FIELDS + REQUIRED_FIELDS + OPTIONAL_FIELDS)
 _METHOD_KEYS = ("name", "token", "trajectory")
@@ -444,6 +445,8 @@ def validate_record(obj: dict, *, where: str = "") -> None:
         _check_str(obj, "answer", where, nullable=True)
     if "version_lag" in obj:
         _check_nonneg_int(obj, "version_lag", where, nullable=True)
+    if "teacher" in obj:
+        _check_str(obj, "teacher", where, nullable=True)
     if obj.get("freshness") is not None:
         x = obj["freshness"]
         if type(x) not in _NUMBER_TYPES or not math.isfinite(x):

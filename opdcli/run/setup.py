@@ -49,13 +49,13 @@ def prepare_training(cfg: Any, argv: list[str], d: dist.Dist, sampler: Any,
     check_sampler(sampler, method)
     check_placement(cfg, d, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
                     method.stop_rule() is not None)
+    source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
+    check_routes(cfg, source.teacher_tags(), method)  # model.teachers: before any engine is built
     check_teacher_engine(cfg, method)
     student_from_train(cfg, method)  # scoring.student_scores=train_forward where it cannot act: refused now
     check_engine(cfg, cfg.model.student, "student")
     preflight(cfg, report=d.is_main)  # the pair's tokenizers, templates, EOS, context: `opd doctor`
     check_trackers(cfg.train)  # train.wandb / trackio without their package: refused before models load
-    source = PromptSource(cfg.data, cfg.run.seed)  # data errors surface before models load
-    check_routes(cfg, source, method)
     heldout = heldout_prompts(cfg.data, cfg.eval.size) if cfg.eval.enabled else None
     ckpt = resume_point(cfg)
     m = cfg.model
