@@ -219,3 +219,17 @@ def test_the_doctor_checks_every_domain_teacher_against_the_student():
     checked = [f.line() for f in diagnose(cfg)]
     assert not [f for f in diagnose(cfg) if f.level == "error"]
     assert sum("chat template" in line for line in checked) == 2  # model.teacher and teacher-add, each once
+
+
+def test_opd_rollout_scores_each_row_with_its_domain_teacher(tmp_path):
+    out = tmp_path / "r.jsonl"
+    data = _data(tmp_path, ["hard", "self", None])
+    result = runner.invoke(app, ["rollout", "--out", str(out), "--prompts", str(data), "--n", "2",
+                                 "--max-new-tokens", "12", "--set", "model.teachers.hard=toy:teacher",
+                                 "--set", "model.teachers.self=toy:student"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("teacher") for r in records] == ["hard", "hard", "self", "self", None, None]
+    for r in records:  # the student scored by itself: its own log-probs; the others: the toy teacher's
+        gap = max(abs(s - t) for s, t in zip(r["student_lp"], r["teacher_lp"], strict=True))
+        assert (gap < 1e-4) == (r.get("teacher") == "self"), (r.get("teacher"), gap)
