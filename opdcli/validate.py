@@ -78,7 +78,6 @@ def _check_teachers(cfg: TrainRunConfig, explicit: set[str]) -> None:
     """model.teachers (domain teachers by tag): what routed scoring can serve."""
     teachers = cfg.model.teachers
     if not teachers:
-        _refuse(explicit, ["data.teacher_field"], "model.teachers is empty, so every prompt goes to model.teacher")
         return
     if any(not isinstance(tag, str) or not tag or not isinstance(name, str) or not name
            for tag, name in teachers.items()):
@@ -154,8 +153,9 @@ def validate_common(cfg: Any, explicit: set[str]) -> None:
     if hasattr(cfg, "distill") and cfg.model.teachers:
         raise ConfigError("model.teachers cannot take effect in opd distill: traces and SFT use model.teacher "
                           "only; remove it (opd train routes prompts to domain teachers)")
-    if hasattr(cfg, "distill") and "data.teacher_field" in explicit:
-        raise ConfigError("data.teacher_field cannot take effect in opd distill (one teacher); remove it")
+    if "data.teacher_field" in explicit and not cfg.model.teachers:
+        raise ConfigError("data.teacher_field cannot take effect: model.teachers is empty, so every prompt goes to "
+                          "model.teacher; remove it or set model.teachers")
     if "run.master_weights" in explicit and cfg.run.dtype == "float32":
         raise ConfigError("run.master_weights cannot take effect: with run.dtype=float32 the student's weights are "
                           "float32 already; remove it, or set run.dtype=bfloat16 for mixed precision")

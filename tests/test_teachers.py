@@ -95,10 +95,12 @@ def test_settings_a_routed_teacher_cannot_serve_are_refused(sets, needle):
         validate_train_config(cfg, explicit)
 
 
-def test_teacher_field_without_teachers_is_refused():
+def test_teacher_field_without_teachers_is_refused(tmp_path):
     cfg, explicit = _cfg("data.teacher_field=domain")
     with pytest.raises(ConfigError, match="data.teacher_field cannot take effect"):
         validate_train_config(cfg, explicit)
+    result = runner.invoke(app, ["rollout", "--out", str(tmp_path / "r.jsonl"), "--set", "data.teacher_field=domain"])
+    assert result.exit_code == 2 and "data.teacher_field cannot take effect" in result.output
 
 
 def test_routes_no_prompt_reaches_or_no_teacher_serves_are_refused(tmp_path):
