@@ -59,15 +59,23 @@ class Learner:
     def step(self, cfg: OptimConfig, step: int, max_steps: int) -> dict[str, float]:
         return optimizer_step(self.module, self.optimizer, cfg, step, max_steps)
 
-    def full_weights(self) -> dict[str, torch.Tensor] | None:
-        """The full weights on every rank, in the dtype the sampling replicas hold (None alone,
-        where engines share the module)."""
-        if not self.d.active:
-            return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def replica_state(self) -> dict[str, torch.Tensor]:
+        """The full weights in the dtype sampling replicas and engines hold (gathered from every
+        rank under torchrun: a collective)."""
+        if self.d.active:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
 
-        state = _strip(get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True)))
+            state = _strip(get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True)))
+        else:
+            state = self.module.lm.state_dict()
         return replica_weights(self.module.lm, state)
+
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """`replica_state` on every rank under torchrun; None alone, where engines share the module."""
+        return self.replica_state() if self.d.active else None
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
         """(full weights or None alone, full optimizer state), complete on rank 0; a collective."""

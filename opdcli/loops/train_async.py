@@ -17,8 +17,6 @@ import sys
 import time
 from collections import deque
 
-import torch
-
 from opdcli import stages
 from opdcli.assembly import engine_max_len
 from opdcli.config import TrainRunConfig
@@ -27,7 +25,6 @@ from opdcli.dist import ALONE, from_env
 from opdcli.engines.hf_sampler import decode_responses
 from opdcli.engines.ray_workers import RayWorkerPool
 from opdcli.errors import ConfigError, OpdError
-from opdcli.precision import replica_weights
 from opdcli.records.rows import write_rollout_records
 from opdcli.run.context import RunResult
 from opdcli.run.interrupt import StopOnSignal
@@ -101,17 +98,11 @@ def _collect(pool: RayWorkerPool, inflight: deque, resubmit, max_restarts: int):
             inflight.appendleft((resubmit(worker, prompts), worker, prompts))
 
 
-def _weights(parts) -> dict[str, torch.Tensor]:
-    """The student's weights for the rollout workers, in the dtype they sample in."""
-    lm = parts.learner.module.lm
-    return replica_weights(lm, lm.state_dict())
-
-
 def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorkerPool, ctx, tokenizer,
           device, stop: StopOnSignal) -> None:
     a, P = cfg.asynchronous, cfg.rollout.prompts_per_step
     params = stages.sampling_params(cfg.rollout)
-    pool.publish(_weights(parts), ctx.state.step)
+    pool.publish(parts.learner.replica_state(), ctx.state.step)
     inflight: deque = deque()
 
     def send(worker: int, prompts):
@@ -165,7 +156,7 @@ def _loop(cfg: TrainRunConfig, parts, method, feed: _TrainedFeed, pool: RayWorke
                                                 ALONE)
                         stages.guard(stages.bad_update(metrics, scored), step_idx, cfg.train.on_nonfinite, metrics)
                     parts.sampler.sync_weights(None, step_idx + 1)
-                    pool.publish(_weights(parts), step_idx + 1)
+                    pool.publish(parts.learner.replica_state(), step_idx + 1)
                 metrics |= stages.batch_signals(whole, rows.finished_B) | out.metrics
                 if cfg.train.rollouts_every and step_idx % cfg.train.rollouts_every == 0:
                     with timed(metrics, "log_rollouts"):
